@@ -1,0 +1,42 @@
+"""specfed-flwr ClientApp: decode the server's message, draft on the device, reply.
+
+Two query handlers:
+* ``query.handshake``: load the draft once for this process, report tokenizer fingerprint,
+  draft identity, the node's own settings (node_config) and, in per-device mode, its prompts;
+* ``query.draft``: apply the accepted deltas, draft gamma tokens per sequence, reply with the
+  compact top-K arrays and metrics.
+
+The work lives in ``device.DeviceRuntime`` (kept per process, so the draft model and the
+KV caches stay warm between rounds). A failure becomes a Flower error reply, never a crash.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from .device import RUNTIME, node_settings
+from .records import config_record, reply_content, request_from_content
+
+app = ClientApp()
+
+
+def _key(message: Message, context: Context) -> tuple[int, int]:
+    return (int(message.metadata.run_id), int(context.node_id))
+
+
+@app.query("handshake")
+def handshake(message: Message, context: Context) -> Message:
+    server_cfg = dict(message.content.config_records["config"])
+    settings = node_settings(server_cfg, context.node_config)
+    info = RUNTIME.handshake(_key(message, context), settings)
+    return Message(RecordDict({"info": config_record(info)}), reply_to=message)
+
+
+@app.query("draft")
+def draft(message: Message, context: Context) -> Message:
+    request, server_cfg = request_from_content(message.content)
+    settings = node_settings(server_cfg, context.node_config)
+    reply, metrics = RUNTIME.draft(_key(message, context), settings, request)
+    return Message(reply_content(reply, metrics), reply_to=message)
+

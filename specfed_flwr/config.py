@@ -1,0 +1,208 @@
+"""Typed run configuration: OmegaConf YAML defaults in ``conf/`` merged with Flower run-config.
+
+Flower run-config keys are kebab-case (``top-k``); the dataclass fields are snake_case
+(``top_k``). Both spellings are accepted. Unknown keys and bad values are refused with a
+one-line message naming the key, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration key has a value the run cannot use."""
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("collaborative", "per-device"),
+    "reconstruction": ("uniform", "temperature", "exact"),
+    "draft_sampling": ("sparse", "full"),
+    "draft_selection": ("auto", "consensus", "pick", "vote"),
+    "draft_quantization": ("int8", "int4", "none"),
+}
+
+
+@dataclass
+class SpecFedConfig:
+    # models
+    target: str = "default"
+    draft: str = "default"
+    draft_quantization: str = "int8"
+    device: str = "auto"
+    # protocol
+    mode: str = "collaborative"
+    top_k: int = 8
+    draft_length: int = 4
+    adaptive: bool = False
+    reconstruction: str = "exact"
+    draft_sampling: str = "sparse"
+    draft_selection: str = "auto"
+    temperature: float = 0.0
+    seed: int = 0
+    # workload
+    max_new_tokens: int = 48
+    max_active_sequences: int = 16
+    prompts: str = "default"
+    chat_template: bool = True
+    results: str = "results/specfed_results.jsonl"
+    resume: bool = True
+    # limits and faults
+    max_k: int = 64
+    max_gamma: int = 16
+    max_reply_bytes: int = 8_000_000
+    max_prompt_tokens: int = 4096
+    round_timeout: float = 60.0
+    handshake_timeout: float = 600.0
+    min_nodes: int = 1
+    node_wait_timeout: float = 120.0
+    max_missed_rounds: int = 3
+    rejoin_after_rounds: int = 5
+    max_rounds: int = 100_000
+    # bias-aware weights
+    weight_ema: float = 0.3
+    weight_sharpness: float = 2.0
+    weight_drop_below: float = 0.05
+    # default link profile of a device (node_config may override per device)
+    uplink_mbps: float = 10.0
+    downlink_mbps: float = 50.0
+    rtt_ms: float = 20.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def selection_scheme(self) -> str:
+        """Resolve ``draft_selection = auto`` to the exact scheme that fits the other settings."""
+        if self.greedy:
+            return "vote"
+        if self.draft_selection != "auto":
+            return self.draft_selection
+        if self.draft_sampling == "full":
+            return "pick"  # paper-faithful: the client's own token against q_hat
+        return "pick" if self.reconstruction == "exact" else "consensus"
+
+    def exact(self) -> bool:
+        """Whether the configured scheme provably keeps the target's distribution."""
+        scheme = self.selection_scheme()
+        if scheme in ("vote", "consensus"):
+            return True
+        return self.draft_sampling == "sparse" and self.reconstruction == "exact"
+
+    def validate(self) -> "SpecFedConfig":
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"config key '{_kebab(name)}': {value!r} is not one of {', '.join(choices)}")
+        _positive_int(self, "top_k")
+        _positive_int(self, "max_new_tokens")
+        _positive_int(self, "max_active_sequences")
+        _positive_int(self, "max_k")
+        _positive_int(self, "max_gamma")
+        _positive_int(self, "max_reply_bytes")
+        _positive_int(self, "max_prompt_tokens")
+        _positive_int(self, "max_missed_rounds")
+        _positive_int(self, "max_rounds")
+        _positive_int(self, "min_nodes")
+        if self.draft_length < 0:
+            raise ConfigError(f"config key 'draft-length': must be >= 0, got {self.draft_length}")
+        if self.draft_length > self.max_gamma:
+            raise ConfigError(f"config key 'draft-length': {self.draft_length} exceeds max-gamma {self.max_gamma}")
+        if self.top_k > self.max_k:
+            raise ConfigError(f"config key 'top-k': {self.top_k} exceeds max-k {self.max_k}")
+        if self.temperature < 0:
+            raise ConfigError(f"config key 'temperature': must be >= 0, got {self.temperature}")
+        if not 0 < self.weight_ema <= 1:
+            raise ConfigError(f"config key 'weight-ema': must be in (0, 1], got {self.weight_ema}")
+        if self.weight_sharpness <= 0:
+            raise ConfigError(f"config key 'weight-sharpness': must be > 0, got {self.weight_sharpness}")
+        for name in ("round_timeout", "handshake_timeout", "node_wait_timeout", "uplink_mbps", "downlink_mbps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config key '{_kebab(name)}': must be > 0, got {getattr(self, name)}")
+        if self.rtt_ms < 0:
+            raise ConfigError(f"config key 'rtt-ms': must be >= 0, got {self.rtt_ms}")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _positive_int(cfg: SpecFedConfig, name: str) -> None:
+    if getattr(cfg, name) < 1:
+        raise ConfigError(f"config key '{_kebab(name)}': must be a positive integer, got {getattr(cfg, name)}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(SpecFedConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    f = _FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    key = _kebab(name)
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}': expected {kind}, got {value!r}") from None
+    return value
+
+
+def default_yaml_path() -> Path:
+    """conf/specfed.yaml of a source checkout, else the copy shipped inside the package."""
+    repo_conf = Path(__file__).resolve().parent.parent / "conf" / "specfed.yaml"
+    if repo_conf.exists():
+        return repo_conf
+    return Path(str(importlib.resources.files("specfed_flwr") / "conf" / "specfed.yaml"))
+
+
+def load_config(
+    overrides: Mapping[str, Any] | None = None, yaml_path: str | Path | None = None, *, ignore: tuple[str, ...] = ()
+) -> SpecFedConfig:
+    """Defaults <- YAML file <- overrides (Flower run-config or CLI). Raises ConfigError."""
+    merged: dict[str, Any] = {}
+    path = Path(yaml_path) if yaml_path is not None else default_yaml_path()
+    if path.exists():
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        merged.update(loaded)
+    elif yaml_path is not None:
+        raise ConfigError(f"config file {path} does not exist")
+    merged.update(dict(overrides or {}))
+    values: dict[str, Any] = {}
+    for raw_key, value in merged.items():
+        if raw_key in ignore:
+            continue
+        name = str(raw_key).replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown config key '{raw_key}' (see docs/CONFIG.md for the keys)")
+        values[name] = _coerce(name, value)
+    return SpecFedConfig(**values).validate()

@@ -1,0 +1,106 @@
+"""What a device process keeps warm between rounds: draft models and per-node draft clients.
+
+In the simulation engine several virtual SuperNodes can share one process (a Ray actor),
+so draft models are cached per (spec, quantization) and sequence state per (run, node).
+The ClientApp and the deployment draft worker both go through ``DeviceRuntime``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Any, Mapping
+
+from .client_core import DraftClient
+from .protocol import DraftRequest
+from .proposer import HFDraftProposer
+from .specs import LoadedModel, load_draft_spec
+
+log = logging.getLogger("specfed_flwr")
+
+#: settings a SuperNode's node_config may set for its own device (kebab-case, like run config)
+NODE_KEYS = ("draft", "draft-quantization", "max-k", "max-gamma", "uplink-mbps", "downlink-mbps", "rtt-ms", "prompts")
+
+
+def node_settings(server_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The server's defaults for drafting, overridden by this node's own node_config."""
+    merged = {k: server_config[k] for k in NODE_KEYS if k in server_config}
+    merged.update({k: node_config[k] for k in NODE_KEYS if k in node_config})
+    return merged
+
+
+def tokenizer_identity(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
+    if tokenizer is None:
+        return {"vocab_size": vocab_size, "vocab_sha256": ""}
+    from .models import tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(tokenizer)
+    return {"vocab_size": int(vocab_size), "vocab_sha256": str(fp["vocab_sha256"])}
+
+
+class DeviceRuntime:
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str], LoadedModel] = {}
+        self._clients: dict[tuple[Any, ...], DraftClient] = {}
+        self._lock = threading.Lock()
+        self.load_counts: Counter[str] = Counter()
+
+    def model(self, spec: str, quantization: str) -> LoadedModel:
+        key = (spec, quantization)
+        with self._lock:
+            if key not in self._models:
+                log.info("loading draft model %s (%s)", spec, quantization)
+                self._models[key] = load_draft_spec(spec, quantization)
+                self.load_counts[f"{spec}:{quantization}"] += 1
+            return self._models[key]
+
+    def client(self, key: tuple[Any, ...], settings: Mapping[str, Any]) -> DraftClient:
+        with self._lock:
+            existing = self._clients.get(key)
+        if existing is not None:
+            return existing
+        loaded = self.model(str(settings.get("draft", "default")), str(settings.get("draft-quantization", "int8")))
+        client = DraftClient(
+            HFDraftProposer(loaded.model, vocab_size=loaded.vocab_size),
+            max_k=int(settings["max-k"]) if "max-k" in settings else None,
+            max_gamma=int(settings["max-gamma"]) if "max-gamma" in settings else None,
+        )
+        with self._lock:
+            return self._clients.setdefault(key, client)
+
+    def reset(self, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._clients.pop(key, None)
+
+    def handshake(self, key: tuple[Any, ...], settings: Mapping[str, Any]) -> dict[str, Any]:
+        self.reset(key)  # a new run starts from clean sequence state
+        self.client(key, settings)
+        loaded = self.model(str(settings.get("draft", "default")), str(settings.get("draft-quantization", "int8")))
+        info = tokenizer_identity(loaded.tokenizer, loaded.vocab_size)
+        info.update(
+            {
+                "draft_identity": loaded.identity,
+                "draft_load_seconds": float(loaded.load_seconds),
+                "draft_loads": int(sum(self.load_counts.values())),
+            }
+        )
+        for k in ("max-k", "uplink-mbps", "downlink-mbps", "rtt-ms"):
+            if k in settings:
+                info[k] = settings[k]
+        prompts = settings.get("prompts")
+        if prompts:
+            from .prompts import load_prompts
+
+            info["prompts"] = load_prompts(str(prompts))
+        return info
+
+    def draft(self, key: tuple[Any, ...], settings: Mapping[str, Any], request: DraftRequest):
+        reply, metrics = self.client(key, settings).handle(request)
+        out = metrics.as_dict()
+        out["draft_loads"] = int(sum(self.load_counts.values()))
+        return reply, out
+
+
+#: one per process: the simulation's Ray actor or a deployment draft worker
+RUNTIME = DeviceRuntime()

@@ -1,0 +1,623 @@
+"""Server round logic (``Coordinator``) and the in-process engine that drives it without Flower.
+
+One round for every active sequence:
+  plan_round      -> a ``DraftRequest`` per client (accepted delta, gamma, K)
+  (transport: direct call, Flower simulation or deployment engine)
+  complete_round  -> reconstruct q_hat per client and position, build the draft path from the
+                     bias-aware weighted drafts, ONE target forward per sequence, verify,
+                     commit, update weights, report.
+
+A sequence nobody drafted still advances by one target token per round, so the server
+finishes its sequences even when every client is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .aggregation import BiasAwareWeights, WeightingConfig, agreement, prefix_match, select_draft_path
+from .client_core import DraftClient
+from .config import SpecFedConfig
+from .protocol import DraftRequest
+from .reconstruction import reconstruct
+from .target import TargetVerifier
+from .verification import verify_greedy, verify_sampling
+from .wire import DraftReply, full_distribution_bytes, payload_bytes
+
+log = logging.getLogger("specfed_flwr")
+
+
+@dataclass
+class SequenceResult:
+    index: int
+    seq_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    rounds: int
+    drafted: int  # draft path positions verified
+    accepted: int  # of those, accepted
+    alpha: float | None  # mean sum_x min(p, q_bar) over this sequence's verified positions
+    owner: str | None = None
+    prompt: str | None = None
+    text: str | None = None
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per round (accepted drafts + correction/bonus)."""
+        return len(self.token_ids) / self.rounds if self.rounds else 0.0
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "prompt": self.prompt,
+            "text": self.text,
+            "prompt_ids": self.prompt_ids,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "owner": self.owner,
+            "metrics": {
+                "rounds": self.rounds,
+                "drafted": self.drafted,
+                "accepted": self.accepted,
+                "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+                "alpha": self.alpha,
+                "tau": self.tau,
+            },
+        }
+
+
+@dataclass
+class _Sequence:
+    seq_id: int
+    index: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    owner: str | None
+    prompt: str | None
+    generated: list[int] = field(default_factory=list)
+    client_known: dict[str, int] = field(default_factory=dict)  # committed length each client holds
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    alpha_sum: float = 0.0
+    alpha_n: int = 0
+
+    @property
+    def committed(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.generated)
+
+
+@dataclass
+class RoundReport:
+    round: int
+    active_sequences: int
+    clients_asked: int
+    clients_replied: int
+    drafted: int
+    accepted: int
+    emitted: int
+    alpha: float | None
+    verify_seconds: float
+    server_seconds: float
+    uplink_bytes: int
+    downlink_bytes: int
+    finished: list[SequenceResult]
+    faults: dict[str, str]
+    weights: dict[str, float]
+
+    def line(self) -> str:
+        alpha = f"{self.alpha:.3f}" if self.alpha is not None else "  -  "
+        faults = f" faults={','.join(self.faults)}" if self.faults else ""
+        return (
+            f"round {self.round}: {self.active_sequences} active, {self.clients_replied}/{self.clients_asked} clients, "
+            f"accepted {self.accepted}/{self.drafted}, +{self.emitted} tokens, alpha {alpha}, "
+            f"verify {self.verify_seconds * 1000:.0f} ms, up {self.uplink_bytes} B{faults}"
+        )
+
+
+@dataclass
+class ClientStats:
+    rounds_asked: int = 0
+    rounds_replied: int = 0
+    positions: int = 0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    draft_seconds: float = 0.0
+    faults: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rounds_asked": self.rounds_asked,
+            "rounds_replied": self.rounds_replied,
+            "positions": self.positions,
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "draft_seconds": self.draft_seconds,
+            "faults": list(self.faults),
+        }
+
+
+class Coordinator:
+    """Everything the server does per round, independent of the transport."""
+
+    def __init__(
+        self,
+        target: TargetVerifier,
+        config: SpecFedConfig,
+        *,
+        eos_token_ids: Iterable[int] = (),
+        client_settings: dict[str, tuple[int, int]] | None = None,
+    ):
+        self.target = target
+        self.config = config
+        self.vocab_size = target.vocab_size
+        self.eos_token_ids = {int(t) for t in eos_token_ids}
+        self.weights = BiasAwareWeights(
+            WeightingConfig(
+                ema=config.weight_ema, sharpness=config.weight_sharpness, drop_below=config.weight_drop_below
+            )
+        )
+        self.client_settings = dict(client_settings or {})
+        self.client_stats: dict[str, ClientStats] = {}
+        self.round = 0
+        self._next_seq_id = 1
+        self._waiting: list[_Sequence] = []
+        self._active: dict[int, _Sequence] = {}
+        self._to_release: dict[str, set[int]] = {}
+        self._planned: dict[str, DraftRequest] = {}
+        self._planned_committed: dict[int, int] = {}
+        self.finished: list[SequenceResult] = []
+        self.rounds: list[RoundReport] = []
+        self._generator = torch.Generator().manual_seed(int(config.seed))
+
+    # ---- sequences -----------------------------------------------------------------------
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        index: int | None = None,
+        max_new_tokens: int | None = None,
+        owner: str | None = None,
+        prompt: str | None = None,
+    ) -> int:
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("a prompt must have at least one token")
+        if len(prompt_ids) > self.config.max_prompt_tokens:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, above max-prompt-tokens {self.config.max_prompt_tokens}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt has token ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}")
+        seq_id = self._next_seq_id
+        self._next_seq_id += 1
+        budget = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if not 1 <= budget <= self.config.max_new_tokens:
+            raise ValueError(f"max_new_tokens must be in 1..{self.config.max_new_tokens} (max-new-tokens), got {budget}")
+        self._waiting.append(
+            _Sequence(
+                seq_id=seq_id,
+                index=len(self.finished) + len(self._active) + len(self._waiting) if index is None else index,
+                prompt_ids=prompt_ids,
+                max_new_tokens=budget,
+                owner=owner,
+                prompt=prompt,
+            )
+        )
+        return seq_id
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    @property
+    def active_sequences(self) -> list[int]:
+        return list(self._active)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.config.max_active_sequences:
+            seq = self._waiting.pop(0)
+            self.target.start(seq.seq_id, seq.prompt_ids)
+            self._active[seq.seq_id] = seq
+
+    def settings_for(self, client: str) -> tuple[int, int]:
+        """(gamma, K) for a client this round."""
+        gamma, k = self.client_settings.get(client, (self.config.draft_length, self.config.top_k))
+        return min(gamma, self.config.max_gamma), min(k, self.config.max_k, self.vocab_size)
+
+    def set_client_settings(self, client: str, gamma: int, k: int) -> None:
+        self.client_settings[client] = (int(gamma), int(k))
+
+    def _drafts_for(self, client: str) -> list[_Sequence]:
+        if self.config.mode == "per-device":
+            return [s for s in self._active.values() if s.owner == client]
+        return list(self._active.values())
+
+    # ---- one round -------------------------------------------------------------------------
+    def plan_round(self, clients: Sequence[str]) -> dict[str, DraftRequest]:
+        """Admit waiting sequences and build each client's request for this round."""
+        self._admit()
+        self.round += 1
+        self._planned = {}
+        self._planned_committed = {s.seq_id: len(s.committed) for s in self._active.values()}
+        usable = set(self.weights.weights(list(clients)).nonzero()[0].tolist()) if clients else set()
+        for pos, client in enumerate(clients):
+            if pos not in usable and self.weights.records.get(client) is not None:
+                # a collapsed client is still probed now and then so it can rejoin
+                if self.round % max(1, self.config.rejoin_after_rounds) != 0:
+                    continue
+            gamma, k = self.settings_for(client)
+            entries = []
+            for seq in self._drafts_for(client):
+                g = max(0, min(gamma, seq.remaining - 1))
+                known = seq.client_known.get(client, 0)
+                entries.append((seq.seq_id, known, seq.committed[known:], g))
+            release = sorted(self._to_release.get(client, set()))
+            if not entries and not release:
+                continue
+            self._planned[client] = DraftRequest.build(
+                entries,
+                k=k,
+                temperature=self.config.temperature,
+                sampling=self.config.draft_sampling,
+                seed=self.config.seed,
+                round=self.round,
+                release=release,
+            )
+        return dict(self._planned)
+
+    def forget_client_state(self, client: str) -> None:
+        """The client lost its caches (restart): resend whole sequences next time."""
+        for seq in self._active.values():
+            seq.client_known.pop(client, None)
+        self._to_release.pop(client, None)
+
+    def _check_reply(self, client: str, reply: DraftReply) -> str | None:
+        request = self._planned[client]
+        asked = dict(zip(request.seq_ids.tolist(), request.gammas.tolist()))
+        got = reply.seq_ids.tolist()
+        if sorted(got) != sorted(asked):
+            extra = sorted(set(got) - set(asked))
+            if extra:
+                return f"reply claims sequences it was not asked for: {extra[:5]}"
+            return f"reply is missing sequences {sorted(set(asked) - set(got))[:5]}"
+        for seq_id, length in zip(got, reply.lengths.tolist()):
+            if length > asked[seq_id]:
+                return f"sequence {seq_id}: drafted {length} positions, asked for {asked[seq_id]}"
+        if reply.k > request.k:
+            return f"reply has K={reply.k} slots, asked for {request.k}"
+        return None
+
+    def complete_round(
+        self,
+        replies: dict[str, DraftReply],
+        *,
+        client_metrics: dict[str, dict[str, Any]] | None = None,
+        faults: dict[str, str] | None = None,
+    ) -> RoundReport:
+        """Verify this round's drafts and commit the accepted tokens."""
+        started = time.perf_counter()
+        faults = dict(faults or {})
+        client_metrics = client_metrics or {}
+        valid: dict[str, DraftReply] = {}
+        for client, request in self._planned.items():
+            stats = self.client_stats.setdefault(client, ClientStats())
+            stats.rounds_asked += 1
+            stats.downlink_bytes += request.nbytes()
+            if client not in replies:
+                faults.setdefault(client, "no reply")
+                continue
+            problem = self._check_reply(client, replies[client])
+            if problem:
+                faults[client] = problem
+                continue
+            valid[client] = replies[client]
+            stats.rounds_replied += 1
+            # the client applied this round's deltas and releases
+            for seq_id in request.seq_ids.tolist():
+                if seq_id in self._active:
+                    self._active[seq_id].client_known[client] = self._planned_committed[seq_id]
+            self._to_release.pop(client, None)
+            stats.positions += int(replies[client].lengths.sum())
+            stats.uplink_bytes += payload_bytes(replies[client])
+            stats.draft_seconds += float(client_metrics.get(client, {}).get("draft_seconds", 0.0))
+        for client, reason in faults.items():
+            self.client_stats.setdefault(client, ClientStats()).faults.append(f"round {self.round}: {reason}")
+            if client in self._planned and client not in valid:
+                log.warning("round %d: %s dropped: %s", self.round, client, reason)
+
+        seqs = list(self._active.values())
+        clients = list(valid)
+        report = self._verify(seqs, clients, valid)
+        report.faults = faults
+        report.server_seconds = time.perf_counter() - started
+        report.uplink_bytes = sum(payload_bytes(r) for r in valid.values())
+        report.downlink_bytes = sum(r.nbytes() for r in self._planned.values())
+        report.clients_asked = len(self._planned)
+        report.clients_replied = len(valid)
+        self._planned = {}
+        self.rounds.append(report)
+        return report
+
+    def _verify(self, seqs: list[_Sequence], clients: list[str], replies: dict[str, DraftReply]) -> RoundReport:
+        cfg = self.config
+        b, c, v = len(seqs), len(clients), self.vocab_size
+        g = max([int(r.lengths.max()) if r.lengths.size else 0 for r in replies.values()], default=0)
+        client_tokens = torch.zeros((b, c, g), dtype=torch.long)
+        client_lengths = torch.zeros((b, c), dtype=torch.long)
+        client_q = torch.zeros((b, c, g, v), dtype=torch.float32)
+        kept: dict[str, list[np.ndarray]] = {cl: [] for cl in clients}
+        row_of = {s.seq_id: i for i, s in enumerate(seqs)}
+        for ci, client in enumerate(clients):
+            reply = replies[client]
+            for r, seq_id in enumerate(reply.seq_ids.tolist()):
+                length = int(reply.lengths[r])
+                if length == 0 or seq_id not in row_of:
+                    continue
+                row = row_of[seq_id]
+                ids = torch.from_numpy(reply.token_ids[r, :length].astype(np.int64))
+                probs = torch.from_numpy(reply.probs[r, :length].astype(np.float32))
+                client_tokens[row, ci, :length] = ids[:, 0]
+                client_lengths[row, ci] = length
+                client_q[row, ci, :length] = reconstruct(ids, probs, v, cfg.reconstruction)
+                kept[client].append(probs.sum(dim=1).numpy())
+        weights = torch.from_numpy(self.weights.weights(clients)).float() if c else torch.zeros(0)
+        path = select_draft_path(client_tokens, client_q, client_lengths, weights, cfg.selection_scheme(), self._generator)
+        paths = [path.tokens[i, : int(path.lengths[i])].tolist() for i in range(b)]
+        verify_started = time.perf_counter()
+        logits = self.target.score_batch([s.seq_id for s in seqs], paths)
+        verify_seconds = time.perf_counter() - verify_started
+        temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if cfg.greedy:
+            result = verify_greedy(logits, path.tokens, path.lengths)
+        else:
+            result = verify_sampling(probs, path.q_bar, path.tokens, path.lengths, self._generator)
+
+        # measured agreement: per client at the positions it drafted on the path, and of q_bar
+        valid_pos = torch.arange(g).unsqueeze(0) < path.lengths.unsqueeze(1)  # [B, G]
+        alpha_bar = agreement(probs[:, :g], path.q_bar) if g else torch.zeros((b, 0))
+        matched = prefix_match(client_tokens, client_lengths, path.tokens, path.lengths)
+        for ci, client in enumerate(clients):
+            mask = matched[:, ci, :]
+            values = agreement(probs[:, :g], client_q[:, ci])[mask] if g else torch.zeros(0)
+            mass = np.concatenate(kept[client]) if kept[client] else np.zeros(0)
+            self.weights.observe(client, values.numpy(), mass)
+
+        drafted = int(path.lengths.sum())
+        accepted = int(result.num_accepted.sum())
+        emitted = 0
+        finished: list[SequenceResult] = []
+        for i, seq in enumerate(seqs):
+            new_tokens = result.tokens_of(i)
+            n_acc = int(result.num_accepted[i])
+            self.target.commit(seq.seq_id, n_acc, new_tokens[-1])
+            seq.rounds += 1
+            seq.drafted += int(path.lengths[i])
+            seq.accepted += n_acc
+            row_alpha = alpha_bar[i][valid_pos[i]]
+            seq.alpha_sum += float(row_alpha.sum())
+            seq.alpha_n += int(row_alpha.numel())
+            reason = None
+            for tok in new_tokens:
+                if seq.remaining <= 0:
+                    break
+                seq.generated.append(tok)
+                emitted += 1
+                if tok in self.eos_token_ids:
+                    reason = "eos"
+                    break
+            if reason is None and seq.remaining <= 0:
+                reason = "length"
+            if reason is not None:
+                finished.append(self._finish(seq, reason))
+        mean_alpha = float(alpha_bar[valid_pos].mean()) if drafted else None
+        return RoundReport(
+            round=self.round,
+            active_sequences=b,
+            clients_asked=0,
+            clients_replied=0,
+            drafted=drafted,
+            accepted=accepted,
+            emitted=emitted,
+            alpha=mean_alpha,
+            verify_seconds=verify_seconds,
+            server_seconds=0.0,
+            uplink_bytes=0,
+            downlink_bytes=0,
+            finished=finished,
+            faults={},
+            weights={cl: float(w) for cl, w in zip(clients, weights.tolist())},
+        )
+
+    def _finish(self, seq: _Sequence, reason: str) -> SequenceResult:
+        del self._active[seq.seq_id]
+        self.target.release(seq.seq_id)
+        for client in seq.client_known:
+            self._to_release.setdefault(client, set()).add(seq.seq_id)
+        result = SequenceResult(
+            index=seq.index,
+            seq_id=seq.seq_id,
+            prompt_ids=seq.prompt_ids,
+            token_ids=list(seq.generated),
+            finish_reason=reason,
+            rounds=seq.rounds,
+            drafted=seq.drafted,
+            accepted=seq.accepted,
+            alpha=seq.alpha_sum / seq.alpha_n if seq.alpha_n else None,
+            owner=seq.owner,
+            prompt=seq.prompt,
+        )
+        self.finished.append(result)
+        return result
+
+    # ---- summary ---------------------------------------------------------------------------
+    def summary(self, wall_seconds: float) -> dict[str, Any]:
+        return summarize(self.finished, self.rounds, self.client_stats, self.vocab_size, wall_seconds, self.weights.snapshot())
+
+
+def summarize(
+    finished: list[SequenceResult],
+    rounds: list[RoundReport],
+    client_stats: dict[str, ClientStats],
+    vocab_size: int,
+    wall_seconds: float,
+    weights: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Aggregate metrics of a run (the summary table's numbers)."""
+    tokens = sum(len(r.token_ids) for r in finished)
+    drafted = sum(r.drafted for r in rounds)
+    accepted = sum(r.accepted for r in rounds)
+    seq_steps = sum(r.active_sequences for r in rounds)
+    alphas = [(r.alpha, r.drafted) for r in rounds if r.alpha is not None and r.drafted]
+    uplink = sum(r.uplink_bytes for r in rounds)
+    downlink = sum(r.downlink_bytes for r in rounds)
+    positions = sum(s.positions for s in client_stats.values())
+    uplink_payload = sum(s.uplink_bytes for s in client_stats.values())
+    per_position = uplink_payload / positions if positions else None
+    return {
+        "sequences": len(finished),
+        "tokens": tokens,
+        "rounds": len(rounds),
+        "wall_seconds": wall_seconds,
+        "tokens_per_s": tokens / wall_seconds if wall_seconds > 0 else None,
+        "seconds_per_round": wall_seconds / len(rounds) if rounds else None,
+        "alpha": sum(a * n for a, n in alphas) / sum(n for _, n in alphas) if alphas else None,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "tau": (accepted + seq_steps) / seq_steps if seq_steps else None,
+        "drafted_positions": drafted,
+        "accepted": accepted,
+        "uplink_bytes": uplink,
+        "downlink_bytes": downlink,
+        "uplink_bytes_per_token": uplink / tokens if tokens else None,
+        "uplink_bytes_per_position": per_position,
+        "compression_vs_fp32": full_distribution_bytes(vocab_size, "float32") / per_position if per_position else None,
+        "compression_vs_fp16": full_distribution_bytes(vocab_size, "float16") / per_position if per_position else None,
+        "verify_seconds": sum(r.verify_seconds for r in rounds),
+        "clients": {c: s.as_dict() for c, s in client_stats.items()},
+        "weights": weights or {},
+    }
+
+
+# ---- the in-process engine ---------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[SequenceResult]
+    metrics: dict[str, Any]
+    rounds: list[RoundReport]
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        return [s.token_ids for s in self.sequences]
+
+    @property
+    def texts(self) -> list[str | None]:
+        return [s.text for s in self.sequences]
+
+
+class InProcessEngine:
+    """The whole protocol on one machine: N local draft clients, no Flower."""
+
+    def __init__(
+        self,
+        target_model: torch.nn.Module,
+        draft_models: Sequence[torch.nn.Module],
+        config: SpecFedConfig | None = None,
+        *,
+        tokenizer: Any = None,
+        eos_token_ids: Iterable[int] | None = None,
+        clients: dict[str, DraftClient] | None = None,
+    ):
+        from .proposer import HFDraftProposer
+
+        self.config = config or SpecFedConfig()
+        self.tokenizer = tokenizer
+        self.target = TargetVerifier(target_model)
+        self.clients: dict[str, DraftClient] = dict(clients or {})
+        for i, model in enumerate(draft_models):
+            self.clients[f"drafter-{i}"] = DraftClient(
+                HFDraftProposer(model, vocab_size=self.target.vocab_size),
+                max_k=self.config.max_k,
+                max_gamma=self.config.max_gamma,
+            )
+        if eos_token_ids is None:
+            eos_token_ids = default_eos_ids(target_model, tokenizer)
+        self.eos_token_ids = list(eos_token_ids)
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int | None = None,
+        owners: Sequence[str] | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> GenerationResult:
+        coordinator = Coordinator(self.target, self.config, eos_token_ids=self.eos_token_ids)
+        for i, prompt in enumerate(prompts):
+            text = prompt if isinstance(prompt, str) else None
+            ids = encode_prompt(self.tokenizer, prompt, self.config.chat_template)
+            coordinator.submit(
+                ids, index=i, max_new_tokens=max_new_tokens, owner=owners[i] if owners else None, prompt=text
+            )
+        started = time.perf_counter()
+        names = list(self.clients)
+        while coordinator.has_work and coordinator.round < self.config.max_rounds:
+            requests = coordinator.plan_round(names)
+            replies, metrics, faults = {}, {}, {}
+            for name, request in requests.items():
+                try:
+                    replies[name], m = self.clients[name].handle(request)
+                    metrics[name] = m.as_dict()
+                except Exception as exc:  # a broken drafter must not end the run
+                    faults[name] = f"{type(exc).__name__}: {exc}"
+            report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults)
+            if on_round is not None:
+                on_round(report)
+        wall = time.perf_counter() - started
+        results = sorted(coordinator.finished, key=lambda r: r.index)
+        decode_texts(self.tokenizer, results)
+        return GenerationResult(results, coordinator.summary(wall), coordinator.rounds)
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[int], chat_template: bool) -> list[int]:
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    if tokenizer is None:
+        raise ValueError("text prompts need a tokenizer; pass token ids instead")
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    return [int(t) for t in tokenizer.encode(prompt)]
+
+
+def decode_texts(tokenizer: Any, results: list[SequenceResult]) -> None:
+    if tokenizer is None:
+        return
+    for r in results:
+        r.text = tokenizer.decode(r.token_ids, skip_special_tokens=True)
+
+
+def default_eos_ids(model: Any, tokenizer: Any = None) -> list[int]:
+    """EOS ids the target's own ``generate`` would stop on."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]

@@ -1,0 +1,136 @@
+"""The server -> client draft request of one round.
+
+Per sequence the server sends only the tokens accepted since that client last heard
+(``starts[b]`` is where the delta begins in the sequence; a client that lost its state is
+sent the whole sequence with start 0), and how many positions to draft. K, the temperature
+and the sampling mode are per client per round. Sequences the server finished are listed in
+``release`` so the client frees their caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+SAMPLING_MODES = ("sparse", "full")
+
+
+class ProtocolError(ValueError):
+    """A draft request that a client cannot act on."""
+
+
+@dataclass
+class DraftRequest:
+    seq_ids: np.ndarray  # int64 [B]
+    starts: np.ndarray  # int64 [B]: position in the sequence where the delta begins
+    delta_offsets: np.ndarray  # int64 [B+1]: delta of sequence b is delta_tokens[offsets[b]:offsets[b+1]]
+    delta_tokens: np.ndarray  # int32 [N]
+    gammas: np.ndarray  # int32 [B]: positions to draft
+    k: int = 8
+    temperature: float = 0.0
+    sampling: str = "sparse"
+    seed: int = 0
+    round: int = 0
+    release: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # int64 [R]
+
+    @classmethod
+    def build(
+        cls,
+        entries: list[tuple[int, int, list[int], int]],
+        *,
+        k: int,
+        temperature: float,
+        sampling: str,
+        seed: int,
+        round: int,
+        release: list[int] | None = None,
+    ) -> "DraftRequest":
+        """From ``(seq_id, start, delta, gamma)`` tuples."""
+        offsets = np.zeros(len(entries) + 1, dtype=np.int64)
+        for i, (_, _, delta, _) in enumerate(entries):
+            offsets[i + 1] = offsets[i] + len(delta)
+        flat = [t for _, _, delta, _ in entries for t in delta]
+        return cls(
+            seq_ids=np.array([e[0] for e in entries], dtype=np.int64),
+            starts=np.array([e[1] for e in entries], dtype=np.int64),
+            delta_offsets=offsets,
+            delta_tokens=np.array(flat, dtype=np.int32),
+            gammas=np.array([e[3] for e in entries], dtype=np.int32),
+            k=int(k),
+            temperature=float(temperature),
+            sampling=sampling,
+            seed=int(seed),
+            round=int(round),
+            release=np.array(release or [], dtype=np.int64),
+        )
+
+    def delta(self, b: int) -> np.ndarray:
+        return self.delta_tokens[self.delta_offsets[b] : self.delta_offsets[b + 1]]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "seq_ids": self.seq_ids,
+            "starts": self.starts,
+            "delta_offsets": self.delta_offsets,
+            "delta_tokens": self.delta_tokens,
+            "gammas": self.gammas,
+            "release": self.release,
+        }
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "temperature": self.temperature,
+            "sampling": self.sampling,
+            "seed": self.seed,
+            "round": self.round,
+        }
+
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays().values()))
+
+    @classmethod
+    def from_parts(cls, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> "DraftRequest":
+        """Rebuild and validate a request received over the wire."""
+        try:
+            req = cls(
+                seq_ids=np.asarray(arrays["seq_ids"], dtype=np.int64),
+                starts=np.asarray(arrays["starts"], dtype=np.int64),
+                delta_offsets=np.asarray(arrays["delta_offsets"], dtype=np.int64),
+                delta_tokens=np.asarray(arrays["delta_tokens"], dtype=np.int32),
+                gammas=np.asarray(arrays["gammas"], dtype=np.int32),
+                release=np.asarray(arrays.get("release", np.zeros(0)), dtype=np.int64),
+                k=int(config["k"]),
+                temperature=float(config["temperature"]),
+                sampling=str(config["sampling"]),
+                seed=int(config["seed"]),
+                round=int(config.get("round", 0)),
+            )
+        except KeyError as exc:
+            raise ProtocolError(f"draft request is missing {exc.args[0]!r}") from None
+        req.validate()
+        return req
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        b = self.seq_ids.shape[0]
+        for name in ("seq_ids", "starts", "gammas"):
+            if getattr(self, name).shape != (b,):
+                raise ProtocolError(f"draft request field {name!r} has shape {getattr(self, name).shape}, expected ({b},)")
+        if self.delta_offsets.shape != (b + 1,) or self.delta_offsets[0] != 0 or np.any(np.diff(self.delta_offsets) < 0):
+            raise ProtocolError("draft request field 'delta_offsets' is not a non-decreasing offset array starting at 0")
+        if self.delta_offsets[-1] != self.delta_tokens.shape[0]:
+            raise ProtocolError("draft request field 'delta_offsets' does not end at the number of delta tokens")
+        if np.any(self.starts < 0) or np.any(self.gammas < 0):
+            raise ProtocolError("draft request has a negative start or draft length")
+        if self.k < 1:
+            raise ProtocolError(f"draft request asks for k={self.k}; k must be >= 1")
+        if self.sampling not in SAMPLING_MODES:
+            raise ProtocolError(f"draft request sampling mode {self.sampling!r} is not one of {SAMPLING_MODES}")
+        if self.temperature < 0 or not np.isfinite(self.temperature):
+            raise ProtocolError(f"draft request temperature {self.temperature} must be >= 0")
+        if vocab_size is not None and self.delta_tokens.size and (
+            self.delta_tokens.min() < 0 or self.delta_tokens.max() >= vocab_size
+        ):
+            raise ProtocolError(f"draft request carries token ids outside the vocabulary (size {vocab_size})")

@@ -1,0 +1,61 @@
+"""Our plain dataclasses <-> Flower message records (ArrayRecord / ConfigRecord / MetricRecord)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from .protocol import DraftRequest
+from .wire import DraftReply, reply_to_arrays
+
+DRAFT_MESSAGE = "query.draft"
+HANDSHAKE_MESSAGE = "query.handshake"
+
+
+def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def _config_value(value: Any) -> Any:
+    """ConfigRecord takes python scalars and same-type lists, not numpy scalars."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_config_value(v) for v in value]
+    return value
+
+
+def config_record(values: Mapping[str, Any]) -> ConfigRecord:
+    return ConfigRecord({k: _config_value(v) for k, v in values.items() if v is not None})
+
+
+def request_content(request: DraftRequest, extra: Mapping[str, Any] | None = None) -> RecordDict:
+    cfg = dict(request.config())
+    cfg.update(extra or {})
+    return RecordDict({"request": _array_record(request.arrays()), "config": config_record(cfg)})
+
+
+def request_from_content(content: RecordDict) -> tuple[DraftRequest, dict[str, Any]]:
+    arrays = {name: arr.numpy() for name, arr in content.array_records["request"].items()}
+    cfg = dict(content.config_records["config"])
+    return DraftRequest.from_parts(arrays, cfg), cfg
+
+
+def reply_content(reply: DraftReply, metrics: Mapping[str, float | int]) -> RecordDict:
+    return RecordDict(
+        {
+            "draft": _array_record(reply_to_arrays(reply)),
+            "metrics": MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in metrics.items()}),
+        }
+    )
+
+
+def reply_arrays(content: RecordDict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The raw arrays and metrics of a draft reply (decoded and validated by ``wire.decode_reply``)."""
+    if "draft" not in content.array_records:
+        raise KeyError("the reply has no 'draft' array record")
+    arrays = {name: arr.numpy() for name, arr in content.array_records["draft"].items()}
+    metrics = dict(content.metric_records["metrics"]) if "metrics" in content.metric_records else {}
+    return arrays, metrics

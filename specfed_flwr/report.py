@@ -1,0 +1,47 @@
+"""Human-readable summary table of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    rows = [
+        ("sequences", _fmt(summary.get("sequences"))),
+        ("tokens generated", _fmt(summary.get("tokens"))),
+        ("tokens/s", _fmt(summary.get("tokens_per_s"), ".2f")),
+        ("alpha (sum min(p, q_bar))", _fmt(summary.get("alpha"))),
+        ("acceptance rate", _fmt(summary.get("acceptance_rate"))),
+        ("tau (tokens per sequence-round)", _fmt(summary.get("tau"), ".2f")),
+        ("uplink bytes / token", _fmt(summary.get("uplink_bytes_per_token"), ".1f")),
+        ("uplink bytes / draft position", _fmt(summary.get("uplink_bytes_per_position"), ".1f")),
+        ("compression vs full fp32 dist.", _fmt(summary.get("compression_vs_fp32"), ".0f") + "x"),
+        ("rounds", _fmt(summary.get("rounds"))),
+        ("seconds / round", _fmt(summary.get("seconds_per_round"), ".3f")),
+        ("verify seconds (target)", _fmt(summary.get("verify_seconds"), ".2f")),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = ["SpecFed summary", "-" * (width + 16)]
+    lines += [f"{name:<{width}}  {value:>12}" for name, value in rows]
+    clients = summary.get("clients") or {}
+    if clients:
+        lines.append("-" * (width + 16))
+        lines.append("per client: replied/asked  positions  uplink B  faults")
+        for name, stats in clients.items():
+            faults = stats.get("faults") or []
+            lines.append(
+                f"  {name}: {stats['rounds_replied']}/{stats['rounds_asked']}  {stats['positions']}  "
+                f"{stats['uplink_bytes']}  {len(faults)}" + (f" (first: {faults[0]})" if faults else "")
+            )
+    excluded = summary.get("excluded") or {}
+    for name, reason in excluded.items():
+        lines.append(f"  {name}: refused at handshake: {reason}")
+    return "\n".join(lines)

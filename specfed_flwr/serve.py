@@ -1,0 +1,55 @@
+"""What the ServerApp does, as a plain function: config -> target -> prompts -> strategy -> results."""
+
+from __future__ import annotations
+
+import logging
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from .config import SpecFedConfig, load_config
+from .engine import default_eos_ids
+from .prompts import load_prompts
+from .report import summary_table
+from .results import ResultsWriter
+from .specs import load_target_spec
+from .strategies import SpecFedResult, SpecFedStrategy
+from .target import TargetVerifier
+
+logging.getLogger("specfed_flwr").setLevel(logging.INFO)
+
+
+def serve(grid: Grid, run_config: Mapping[str, Any] | SpecFedConfig, *, prompts: list[str] | None = None) -> SpecFedResult:
+    cfg = run_config if isinstance(run_config, SpecFedConfig) else load_config(run_config)
+    prompt_list = prompts if prompts is not None else load_prompts(cfg.prompts)
+    writer = ResultsWriter(cfg.results, resume=cfg.resume)
+    todo = [(i, p) for i, p in enumerate(prompt_list) if not writer.is_done(i, p)]
+    if len(todo) < len(prompt_list):
+        log(INFO, "resuming: %d of %d prompts already in %s", len(prompt_list) - len(todo), len(prompt_list), cfg.results)
+    started = time.perf_counter()
+    loaded = load_target_spec(cfg.target, cfg.device)
+    verifier = TargetVerifier(loaded.model)
+    log(INFO, "target %s on %s loaded in %.1f s", loaded.identity, verifier.device, time.perf_counter() - started)
+    fingerprint = None
+    if loaded.tokenizer is not None:
+        from .device import tokenizer_identity
+
+        fingerprint = tokenizer_identity(loaded.tokenizer, loaded.vocab_size)
+    strategy = SpecFedStrategy(
+        verifier,
+        cfg,
+        tokenizer=loaded.tokenizer,
+        eos_token_ids=default_eos_ids(loaded.model, loaded.tokenizer),
+        tokenizer_fingerprint=fingerprint,
+        on_finished=writer.write,
+    )
+    result = strategy.generate(grid, [p for _, p in todo], indices=[i for i, _ in todo])
+    result.summary["results_file"] = str(Path(cfg.results).resolve())
+    result.summary["target_device"] = str(verifier.device)
+    log(INFO, "\n%s", summary_table(result.summary))
+    log(INFO, "results written to %s", Path(cfg.results).resolve())
+    return result

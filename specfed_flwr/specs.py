@@ -1,0 +1,60 @@
+"""Model spec strings used in configs: ``default``, ``tiny:SEED[:VOCAB]``, or an HF id / local path.
+
+``tiny:`` models are random Llamas for tests and CI (no tokenizer); ``default`` is the
+embedded SmolLM2 pair; anything else goes through transformers' ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any  # None for tiny models
+    identity: str
+    load_seconds: float
+    vocab_size: int
+
+
+def _tiny(spec: str) -> LoadedModel:
+    from .models import tiny_llama
+
+    parts = spec.split(":")
+    try:
+        seed = int(parts[1]) if len(parts) > 1 and parts[1] else 0
+        vocab = int(parts[2]) if len(parts) > 2 else 1024
+    except ValueError:
+        raise ValueError(f"model spec {spec!r}: expected tiny:SEED[:VOCAB] with integers") from None
+    started = time.perf_counter()
+    model = tiny_llama(seed=seed, vocab_size=vocab)
+    return LoadedModel(model, None, spec, time.perf_counter() - started, vocab)
+
+
+def load_target_spec(spec: str, device: str = "auto") -> LoadedModel:
+    if spec.startswith("tiny"):
+        loaded = _tiny(spec)
+        from .models import resolve_device
+
+        loaded.model.to(resolve_device(device))
+        return loaded
+    from .models import load_target
+
+    started = time.perf_counter()
+    model, tokenizer = load_target(spec, device=device)
+    return LoadedModel(model, tokenizer, f"{spec} (fp32)", time.perf_counter() - started, int(model.config.vocab_size))
+
+
+def load_draft_spec(spec: str, quantization: str = "int8", device: str = "cpu") -> LoadedModel:
+    if spec.startswith("tiny"):
+        return _tiny(spec)
+    from .models import load_draft
+
+    started = time.perf_counter()
+    model, tokenizer = load_draft(spec, quantization=quantization, device=device)
+    return LoadedModel(model, tokenizer, f"{spec} ({quantization})", time.perf_counter() - started, int(model.config.vocab_size))

@@ -1,0 +1,285 @@
+"""SpecFedStrategy: a Flower Strategy whose rounds are speculative decoding steps.
+
+Flower's ``Strategy`` is built around train/evaluate rounds; this one is query driven and
+adds its own loop, ``generate(grid, prompts)``:
+
+1. handshake every node (draft loaded once per device, tokenizer fingerprint checked,
+   node settings and per-device prompts collected); mismatching nodes are excluded;
+2. each round: ``Coordinator.plan_round`` -> one ``query.draft`` message per selected node,
+   pushed at once and pulled with a short poll until all replied or the round deadline
+   passed (no fixed sleeps); replies are validated (error replies, missing records, the
+   wire checks) and an invalid one only costs that node the round;
+3. ``Coordinator.complete_round`` verifies on the target and commits; finished sequences
+   are handed to ``on_finished`` immediately (so nothing generated is lost).
+
+Nodes that miss ``max_missed_rounds`` rounds in a row are deselected and probed again after
+``rejoin_after_rounds`` rounds. With no node left the server keeps decoding target-only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Callable, Iterable, Sequence
+
+from flwr.app import Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..config import SpecFedConfig
+from ..engine import Coordinator, RoundReport, SequenceResult, decode_texts, encode_prompt
+from ..records import DRAFT_MESSAGE, HANDSHAKE_MESSAGE, config_record, reply_arrays, request_content
+from ..target import TargetVerifier
+from ..wire import WireFormatError, decode_reply
+
+
+@dataclass
+class SpecFedResult:
+    sequences: list[SequenceResult]
+    summary: dict[str, Any]
+    rounds: list[RoundReport]
+    nodes: dict[str, dict[str, Any]]  # handshake info of the nodes that took part
+    excluded: dict[str, str]  # node -> why it was refused
+    faults: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        return [s.token_ids for s in self.sequences]
+
+    @property
+    def texts(self) -> list[str | None]:
+        return [s.text for s in self.sequences]
+
+
+class SpecFedStrategy(Strategy):
+    def __init__(
+        self,
+        target: TargetVerifier,
+        config: SpecFedConfig,
+        *,
+        tokenizer: Any = None,
+        eos_token_ids: Iterable[int] = (),
+        tokenizer_fingerprint: dict[str, Any] | None = None,
+        on_finished: Callable[[SequenceResult], None] | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
+        poll_interval: float = 0.005,
+    ):
+        self.target = target
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.fingerprint = tokenizer_fingerprint or {"vocab_size": target.vocab_size, "vocab_sha256": ""}
+        self.on_finished = on_finished
+        self.on_round = on_round
+        self.poll_interval = poll_interval
+
+    # Flower's train/evaluate hooks: this strategy has no training rounds.
+    def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
+        return []
+
+    def aggregate_train(self, server_round, replies):  # noqa: D102
+        return None, None
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):  # noqa: D102
+        return None
+
+    def summary(self) -> None:
+        cfg = self.config
+        log(INFO, "SpecFedStrategy: mode=%s K=%d gamma=%d reconstruction=%s selection=%s temperature=%s exact=%s",
+            cfg.mode, cfg.top_k, cfg.draft_length, cfg.reconstruction, cfg.selection_scheme(), cfg.temperature, cfg.exact())
+
+    # ---- transport ---------------------------------------------------------------------------
+    def _exchange(self, grid: Grid, messages: dict[str, Message], timeout: float) -> tuple[dict[str, Message], float]:
+        """Push all, pull with a short poll until every reply is in or the deadline passes."""
+        started = time.perf_counter()
+        if not messages:
+            return {}, 0.0
+        ids = list(grid.push_messages(list(messages.values())))
+        node_of = {mid: name for mid, name in zip(ids, messages)}
+        pending = set(ids)
+        replies: dict[str, Message] = {}
+        deadline = started + timeout
+        while pending:
+            for reply in grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    replies[node_of[mid]] = reply
+            if not pending or time.perf_counter() >= deadline:
+                break
+            time.sleep(self.poll_interval)
+        return replies, time.perf_counter() - started
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.perf_counter() + self.config.node_wait_timeout
+        while True:
+            nodes = sorted(int(n) for n in grid.get_node_ids())
+            if len(nodes) >= self.config.min_nodes or time.perf_counter() >= deadline:
+                return nodes
+            time.sleep(0.5)
+
+    # ---- handshake ---------------------------------------------------------------------------
+    def _server_settings(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "draft": cfg.draft,
+            "draft-quantization": cfg.draft_quantization,
+            "max-k": cfg.max_k,
+            "max-gamma": cfg.max_gamma,
+            "vocab_size": self.target.vocab_size,
+        }
+
+    def handshake(self, grid: Grid, nodes: Sequence[int]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        content = {n: RecordDict({"config": config_record(self._server_settings())}) for n in nodes}
+        messages = {
+            str(n): Message(content[n], dst_node_id=n, message_type=HANDSHAKE_MESSAGE, group_id="handshake")
+            for n in nodes
+        }
+        replies, _ = self._exchange(grid, messages, self.config.handshake_timeout)
+        accepted: dict[str, dict[str, Any]] = {}
+        excluded: dict[str, str] = {}
+        for name in messages:
+            reply = replies.get(name)
+            if reply is None:
+                excluded[name] = "no handshake reply before the deadline"
+            elif reply.has_error():
+                excluded[name] = f"handshake failed on the device: {reply.error.reason}"
+            elif "info" not in reply.content.config_records:
+                excluded[name] = "handshake reply has no 'info' record"
+            else:
+                info = dict(reply.content.config_records["info"])
+                problem = self._check_identity(info)
+                if problem:
+                    excluded[name] = problem
+                else:
+                    accepted[name] = info
+        for name, reason in excluded.items():
+            log(WARNING, "node %s refused: %s", name, reason)
+        return accepted, excluded
+
+    def _check_identity(self, info: dict[str, Any]) -> str | None:
+        vocab = info.get("vocab_size")
+        if vocab != self.target.vocab_size:
+            return (
+                f"tokenizer mismatch: the device's draft has vocabulary size {vocab}, "
+                f"the target has {self.target.vocab_size}"
+            )
+        theirs, ours = str(info.get("vocab_sha256", "")), str(self.fingerprint.get("vocab_sha256", ""))
+        if theirs and ours and theirs != ours:
+            return f"tokenizer mismatch: vocabulary hash {theirs[:12]}... differs from the target's {ours[:12]}..."
+        return None
+
+    # ---- the decoding loop ---------------------------------------------------------------------
+    def generate(
+        self,
+        grid: Grid,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        indices: Sequence[int] | None = None,
+    ) -> SpecFedResult:
+        cfg = self.config
+        self.summary()
+        started = time.perf_counter()
+        nodes = self._wait_for_nodes(grid)
+        log(INFO, "%d node(s) connected; handshaking", len(nodes))
+        infos, excluded = self.handshake(grid, nodes) if nodes else ({}, {})
+        coordinator = Coordinator(self.target, cfg, eos_token_ids=self.eos_token_ids)
+        for name, info in infos.items():
+            gamma, k = coordinator.settings_for(name)
+            if "max-k" in info:
+                k = min(k, int(info["max-k"]))
+            coordinator.set_client_settings(name, gamma, k)
+
+        items = self._prompt_items(prompts, indices, infos)
+        for index, prompt, owner in items:
+            ids = encode_prompt(self.tokenizer, prompt, cfg.chat_template)
+            coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None)
+        log(INFO, "%d sequence(s) queued, %d active at most; %d node(s) drafting", len(items), cfg.max_active_sequences, len(infos))
+
+        clients = list(infos)
+        missed: dict[str, int] = {c: 0 for c in clients}
+        benched: dict[str, int] = {}  # deselected client -> round it may rejoin
+        extra = {"draft": cfg.draft, "draft-quantization": cfg.draft_quantization}
+        while coordinator.has_work and coordinator.round < cfg.max_rounds:
+            selected = [c for c in clients if benched.get(c, 0) <= coordinator.round + 1]
+            requests = coordinator.plan_round(selected)
+            messages = {
+                name: Message(request_content(req, extra), dst_node_id=int(name), message_type=DRAFT_MESSAGE,
+                              group_id=str(coordinator.round))
+                for name, req in requests.items()
+            }
+            raw, _ = self._exchange(grid, messages, cfg.round_timeout)
+            replies, metrics, faults = {}, {}, {}
+            for name, request in requests.items():
+                message = raw.get(name)
+                if message is None:
+                    faults[name] = f"no reply within the {cfg.round_timeout:g} s round deadline"
+                    continue
+                try:
+                    if message.has_error():
+                        raise ValueError(f"error reply from the device: {message.error.reason}")
+                    arrays, m = reply_arrays(message.content)
+                    replies[name] = decode_reply(
+                        arrays, vocab_size=self.target.vocab_size, max_k=cfg.max_k, max_gamma=cfg.max_gamma,
+                        client=f"node {name}", max_bytes=cfg.max_reply_bytes,
+                    )
+                    metrics[name] = m
+                except WireFormatError as exc:
+                    faults[name] = str(exc)
+                except Exception as exc:  # anything a device sends must not end the run
+                    faults[name] = f"{type(exc).__name__}: {exc}"
+            report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults)
+            for name in requests:
+                if name in report.faults:
+                    coordinator.forget_client_state(name)  # it may have lost or skipped state: resend whole
+                    missed[name] = missed.get(name, 0) + 1
+                    if missed[name] >= cfg.max_missed_rounds:
+                        benched[name] = coordinator.round + cfg.rejoin_after_rounds
+                        log(WARNING, "node %s deselected after %d missed rounds; probing again at round %d",
+                            name, missed[name], benched[name])
+                        missed[name] = 0
+                else:
+                    missed[name] = 0
+                    benched.pop(name, None)
+            log(INFO, "%s", report.line())
+            decode_texts(self.tokenizer, report.finished)
+            for seq in report.finished:
+                if self.on_finished is not None:
+                    self.on_finished(seq)
+            if self.on_round is not None:
+                self.on_round(report)
+        wall = time.perf_counter() - started
+        results = sorted(coordinator.finished, key=lambda r: r.index)
+        summary = coordinator.summary(wall)
+        summary["excluded"] = excluded
+        summary["draft_loads"] = {n: info.get("draft_loads") for n, info in infos.items()}
+        return SpecFedResult(
+            sequences=results,
+            summary=summary,
+            rounds=coordinator.rounds,
+            nodes=infos,
+            excluded=excluded,
+            faults={c: s.faults for c, s in coordinator.client_stats.items() if s.faults},
+        )
+
+    def _prompt_items(self, prompts, indices, infos) -> list[tuple[int, Any, str | None]]:
+        indices = list(indices) if indices is not None else list(range(len(prompts)))
+        if self.config.mode != "per-device":
+            return [(i, p, None) for i, p in zip(indices, prompts)]
+        # per-device (TK-SLT): each device owns the prompts it brought; the server's own prompts
+        # are spread over the devices round-robin
+        items: list[tuple[int, Any, str | None]] = []
+        next_index = max(indices, default=-1) + 1
+        for name, info in infos.items():
+            for p in info.get("prompts") or []:
+                items.append((next_index, p, name))
+                next_index += 1
+        names = list(infos)
+        for j, (i, p) in enumerate(zip(indices, prompts)):
+            items.append((i, p, names[j % len(names)] if names else None))
+        return items

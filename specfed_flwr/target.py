@@ -1,0 +1,79 @@
+"""The target model on the server: one forward over each sequence's draft path.
+
+The cache of a sequence holds the keys/values of its committed tokens except the newest
+one (which has not been fed yet). Scoring feeds the not-yet-cached committed tokens plus the
+draft path in one forward and returns the logits predicting every path position and one
+past it. Committing crops the cache back to the accepted prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .kvcache import crop_cache
+
+
+@dataclass
+class _TargetSequence:
+    tokens: list[int]
+    cache: object | None = None
+    cache_len: int = 0
+    scored_path: list[int] = field(default_factory=list)
+
+
+class TargetVerifier:
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, device: str | torch.device | None = None):
+        self.model = model.eval()
+        self.vocab_size = int(vocab_size or model.config.vocab_size)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self._seqs: dict[int, _TargetSequence] = {}
+        self.forward_calls = 0
+        self.forward_seconds = 0.0
+
+    def start(self, seq_id: int, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError(f"sequence {seq_id}: the prompt is empty")
+        self._seqs[seq_id] = _TargetSequence(tokens=[int(t) for t in prompt_ids])
+
+    def release(self, seq_id: int) -> None:
+        self._seqs.pop(seq_id, None)
+
+    def tokens(self, seq_id: int) -> list[int]:
+        return list(self._seqs[seq_id].tokens)
+
+    @torch.inference_mode()
+    def score(self, seq_id: int, path: list[int]) -> torch.Tensor:
+        """Float32 logits [len(path) + 1, V] on the CPU."""
+        seq = self._seqs[seq_id]
+        pending = seq.tokens[seq.cache_len :] + [int(t) for t in path]
+        started = time.perf_counter()
+        input_ids = torch.tensor([pending], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True)
+        self.forward_calls += 1
+        seq.cache = out.past_key_values
+        seq.cache_len += len(pending)
+        seq.scored_path = [int(t) for t in path]
+        logits = out.logits[0, -(len(path) + 1) :, : self.vocab_size].float().cpu()
+        self.forward_seconds += time.perf_counter() - started
+        return logits
+
+    def score_batch(self, seq_ids: list[int], paths: list[list[int]]) -> torch.Tensor:
+        """Logits [B, G+1, V] (zero padded beyond each path) for several sequences."""
+        g = max((len(p) for p in paths), default=0)
+        out = torch.zeros((len(seq_ids), g + 1, self.vocab_size), dtype=torch.float32)
+        for row, (seq_id, path) in enumerate(zip(seq_ids, paths)):
+            out[row, : len(path) + 1] = self.score(seq_id, path)
+        return out
+
+    def commit(self, seq_id: int, num_accepted: int, new_token: int) -> None:
+        """Keep ``num_accepted`` tokens of the last scored path, then append ``new_token``."""
+        seq = self._seqs[seq_id]
+        accepted = seq.scored_path[:num_accepted]
+        keep = len(seq.tokens) + len(accepted)
+        seq.cache_len = crop_cache(seq.cache, seq.cache_len, keep)
+        seq.tokens.extend(accepted)
+        seq.tokens.append(int(new_token))
+        seq.scored_path = []
