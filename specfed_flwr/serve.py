@@ -6,7 +6,7 @@ import logging
 import time
 from logging import INFO
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -23,7 +23,10 @@ from .target import TargetVerifier
 logging.getLogger("specfed_flwr").setLevel(logging.INFO)
 
 
-def serve(grid: Grid, run_config: Mapping[str, Any] | SpecFedConfig, *, prompts: list[str] | None = None) -> SpecFedResult:
+def serve(
+    grid: Grid, run_config: Mapping[str, Any] | SpecFedConfig, *, prompts: list[str] | list[list[int]] | None = None
+) -> SpecFedResult:
+    """Prompts are texts (encoded with the target's tokenizer) or token-id lists."""
     cfg = run_config if isinstance(run_config, SpecFedConfig) else load_config(run_config)
     prompt_list = prompts if prompts is not None else load_prompts(cfg.prompts)
     writer = ResultsWriter(cfg.results, resume=cfg.resume)
@@ -53,3 +56,26 @@ def serve(grid: Grid, run_config: Mapping[str, Any] | SpecFedConfig, *, prompts:
     log(INFO, "\n%s", summary_table(result.summary))
     log(INFO, "results written to %s", Path(cfg.results).resolve())
     return result
+
+
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    prompts: list[str] | list[list[int]] | None = None,
+    on_result: "Callable[[SpecFedResult], None] | None" = None,
+):
+    """A ServerApp preconfigured with ``overrides`` (run config still wins), e.g. for
+    ``flwr.simulation.run_simulation``, which passes no run config of its own."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context) -> None:
+        merged = dict(overrides or {})
+        merged.update(dict(context.run_config))
+        result = serve(grid, merged, prompts=prompts)
+        if on_result is not None:
+            on_result(result)
+
+    return app

@@ -214,25 +214,7 @@ class SpecFedStrategy(Strategy):
                 for name, req in requests.items()
             }
             raw, _ = self._exchange(grid, messages, cfg.round_timeout)
-            replies, metrics, faults = {}, {}, {}
-            for name, request in requests.items():
-                message = raw.get(name)
-                if message is None:
-                    faults[name] = f"no reply within the {cfg.round_timeout:g} s round deadline"
-                    continue
-                try:
-                    if message.has_error():
-                        raise ValueError(f"error reply from the device: {message.error.reason}")
-                    arrays, m = reply_arrays(message.content)
-                    replies[name] = decode_reply(
-                        arrays, vocab_size=self.target.vocab_size, max_k=cfg.max_k, max_gamma=cfg.max_gamma,
-                        client=f"node {name}", max_bytes=cfg.max_reply_bytes,
-                    )
-                    metrics[name] = m
-                except WireFormatError as exc:
-                    faults[name] = str(exc)
-                except Exception as exc:  # anything a device sends must not end the run
-                    faults[name] = f"{type(exc).__name__}: {exc}"
+            replies, metrics, faults = self.decode_replies(requests, raw)
             report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults)
             for name in requests:
                 if name in report.faults:
@@ -266,6 +248,32 @@ class SpecFedStrategy(Strategy):
             excluded=excluded,
             faults={c: s.faults for c, s in coordinator.client_stats.items() if s.faults},
         )
+
+    def decode_replies(
+        self, requests: dict[str, Any], raw: dict[str, Message]
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
+        """Validate every reply; an invalid one becomes a fault of that node, never an exception."""
+        cfg = self.config
+        replies, metrics, faults = {}, {}, {}
+        for name in requests:
+            message = raw.get(name)
+            if message is None:
+                faults[name] = f"no reply within the {cfg.round_timeout:g} s round deadline"
+                continue
+            try:
+                if message.has_error():
+                    raise ValueError(f"error reply from the device: {message.error.reason}")
+                arrays, m = reply_arrays(message.content)
+                replies[name] = decode_reply(
+                    arrays, vocab_size=self.target.vocab_size, max_k=cfg.max_k, max_gamma=cfg.max_gamma,
+                    client=f"node {name}", max_bytes=cfg.max_reply_bytes,
+                )
+                metrics[name] = m
+            except WireFormatError as exc:
+                faults[name] = str(exc)
+            except Exception as exc:  # anything a device sends must not end the run
+                faults[name] = f"{type(exc).__name__}: {exc}"
+        return replies, metrics, faults
 
     def _prompt_items(self, prompts, indices, infos) -> list[tuple[int, Any, str | None]]:
         indices = list(indices) if indices is not None else list(range(len(prompts)))
