@@ -1,0 +1,145 @@
+"""``specfed-flwr`` console script.
+
+Adding a command: write ``_add_<name>_args(parser)`` and ``_cmd_<name>(args) -> int`` and add
+one line to ``_COMMANDS``. Import heavy modules (torch, transformers, flwr) inside the
+``_cmd_`` function, never at module level, so that light commands such as ``theory`` stay fast.
+
+Exit codes: 0 success, 2 bad usage or a bad value (the message on stderr names the flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Callable, NamedTuple, Sequence
+
+PROG = "specfed-flwr"
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse value types (ArgumentTypeError -> "argument --flag: <message>", exit code 2)
+# ---------------------------------------------------------------------------------------------
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _open_unit_interval(text: str) -> float:
+    value = _float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in the open interval (0, 1), got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# theory
+# ---------------------------------------------------------------------------------------------
+
+def _add_theory_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--alpha", type=_open_unit_interval, required=True,
+                        help="acceptance rate alpha, in (0, 1)")
+    parser.add_argument("--per-token-cost", type=_positive_float, required=True, metavar="A",
+                        help="a: cost of one drafted position (draft compute + uplink bytes / bandwidth), > 0")
+    parser.add_argument("--round-cost", type=_positive_float, required=True, metavar="B",
+                        help="b: fixed cost of one round (verify + RTT + downlink + overhead), > 0; "
+                             "target-only decoding costs b per token")
+    parser.add_argument("--gamma-max", type=_positive_int, default=None, metavar="N",
+                        help="largest draft length allowed for the integer optimum")
+
+
+def _cmd_theory(args: argparse.Namespace) -> int:
+    from specfed_flwr import theory
+
+    alpha, a, b = args.alpha, args.per_token_cost, args.round_cost
+    gamma_opt = theory.optimal_gamma(alpha, a, b)
+    gamma_int = theory.best_integer_gamma(alpha, a, b, gamma_max=args.gamma_max)
+    out = {
+        "alpha": alpha,
+        "per_token_cost": a,
+        "round_cost": b,
+        "gamma_max": args.gamma_max,
+        "gamma_opt": gamma_opt,
+        "gamma_best_int": gamma_int,
+        "speedup": float(theory.speedup(alpha, gamma_int, a, b)),
+        "speedup_at_gamma_opt": float(theory.speedup(alpha, gamma_opt, a, b)),
+        "expected_tokens_per_step": float(theory.expected_tokens_per_step(alpha, gamma_int)),
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# registry and entry point
+# ---------------------------------------------------------------------------------------------
+
+class _Command(NamedTuple):
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# The one place where subcommands are registered.
+_COMMANDS: tuple[_Command, ...] = (
+    _Command("theory", "optimal draft length (Lambert W) and predicted speedup, as JSON",
+             _add_theory_args, _cmd_theory),
+)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from specfed_flwr import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Federated speculative LLM inference on Flower (top-K sparse drafts, "
+                    "bias-aware aggregation, exact verification).",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in _COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_args(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(run(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
