@@ -94,6 +94,103 @@ def _cmd_theory(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# run-config style overrides shared by generate / simulate
+# ---------------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` with the value read like Flower's run config (int, float, bool, or string)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    if not key:
+        raise argparse.ArgumentTypeError(f"missing key in {text!r}")
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+        return key, raw[1:-1]
+    if raw.lower() in ("true", "false"):
+        return key, raw.lower() == "true"
+    for cast in (int, float):
+        try:
+            return key, cast(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+def _add_override_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", type=parse_override, action="append",
+                        default=[], help="override a config key (see docs/CONFIG.md); repeatable")
+    parser.add_argument("--config", metavar="YAML", default=None, help="YAML defaults instead of conf/specfed.yaml")
+
+
+def _load_config_or_exit(args: argparse.Namespace):
+    from specfed_flwr.config import ConfigError, load_config
+
+    try:
+        return load_config(dict(args.overrides), args.config)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return None
+
+
+def _add_generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); default: the config's prompt set")
+    parser.add_argument("--drafters", type=_positive_int, default=2, help="number of local draft clients (default 2)")
+    parser.add_argument("--json", action="store_true", help="print the results and summary as JSON")
+    _add_override_args(parser)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    cfg = _load_config_or_exit(args)
+    if cfg is None:
+        return 2
+    import logging
+
+    from specfed_flwr.engine import InProcessEngine, default_eos_ids
+    from specfed_flwr.prompts import load_prompts
+    from specfed_flwr.report import summary_table
+    from specfed_flwr.specs import load_draft_spec, load_target_spec
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        prompts = args.prompt or load_prompts(cfg.prompts)
+    except ValueError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    target = load_target_spec(cfg.target, cfg.device)
+    draft = load_draft_spec(cfg.draft, cfg.draft_quantization)
+    engine = InProcessEngine(target.model, [draft.model] * args.drafters, cfg, tokenizer=target.tokenizer,
+                             eos_token_ids=default_eos_ids(target.model, target.tokenizer))
+    result = engine.generate(prompts, on_round=lambda r: print(r.line(), file=sys.stderr))
+    if args.json:
+        print(json.dumps({"results": [s.as_record() for s in result.sequences], "summary": result.metrics}, indent=2, default=str))
+    else:
+        for seq in result.sequences:
+            print(f"--- [{seq.index}] {seq.prompt!r}\n{seq.text}")
+        print(summary_table(result.metrics))
+    return 0
+
+
+def _add_simulate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-supernodes", type=_positive_int, default=2, help="virtual SuperNodes (default 2)")
+    parser.add_argument("--engine", choices=("flwr-run", "python"), default="flwr-run",
+                        help="flwr-run: our own SuperLink + `flwr run` (default); python: in-process run_simulation")
+    parser.add_argument("--app-dir", default=None, help="Flower app directory (default: this checkout)")
+    parser.add_argument("--log-dir", default=None, help="where SuperLink logs go (default: a temp dir)")
+    _add_override_args(parser)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    cfg = _load_config_or_exit(args)
+    if cfg is None:
+        return 2
+    from specfed_flwr.simulate import simulate
+
+    return simulate(cfg, dict(args.overrides), num_supernodes=args.num_supernodes, engine=args.engine,
+                    app_dir=args.app_dir, log_dir=args.log_dir)
+
+
+# ---------------------------------------------------------------------------------------------
 # registry and entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -108,6 +205,10 @@ class _Command(NamedTuple):
 _COMMANDS: tuple[_Command, ...] = (
     _Command("theory", "optimal draft length (Lambert W) and predicted speedup, as JSON",
              _add_theory_args, _cmd_theory),
+    _Command("simulate", "run the Flower app on the simulation engine (the README's main job)",
+             _add_simulate_args, _cmd_simulate),
+    _Command("generate", "run the protocol in-process with local drafters (no Flower)",
+             _add_generate_args, _cmd_generate),
 )
 
 

@@ -27,6 +27,7 @@ from .config import SpecFedConfig
 from .protocol import DraftRequest
 from .reconstruction import reconstruct
 from .target import TargetVerifier
+from .theory import AdaptiveController, ControllerConfig, LinkProfile
 from .verification import verify_greedy, verify_sampling
 from .wire import DraftReply, full_distribution_bytes, payload_bytes
 
@@ -169,6 +170,9 @@ class Coordinator:
             )
         )
         self.client_settings = dict(client_settings or {})
+        self.client_links: dict[str, LinkProfile] = {}
+        self.controllers: dict[str, AdaptiveController] = {}
+        self._last_agreement: dict[str, float] = {}
         self.client_stats: dict[str, ClientStats] = {}
         self.round = 0
         self._next_seq_id = 1
@@ -231,9 +235,50 @@ class Coordinator:
             self._active[seq.seq_id] = seq
 
     def settings_for(self, client: str) -> tuple[int, int]:
-        """(gamma, K) for a client this round."""
+        """(gamma, K) for a client this round: fixed, or the adaptive controller's choice."""
         gamma, k = self.client_settings.get(client, (self.config.draft_length, self.config.top_k))
+        if self.config.adaptive:
+            controller = self.controller(client)
+            gamma, k = controller.gamma, min(k, controller.k)
         return min(gamma, self.config.max_gamma), min(k, self.config.max_k, self.vocab_size)
+
+    def set_client_link(self, client: str, uplink_mbps: float, rtt_ms: float) -> None:
+        self.client_links[client] = LinkProfile(uplink_bps=float(uplink_mbps) * 1e6, rtt_s=float(rtt_ms) / 1000.0)
+
+    def controller(self, client: str) -> AdaptiveController:
+        if client not in self.controllers:
+            cfg = self.config
+            self.controllers[client] = AdaptiveController(
+                ControllerConfig(
+                    gamma_init=min(max(cfg.draft_length, 1), cfg.max_gamma),
+                    gamma_max=cfg.max_gamma,
+                    k_init=cfg.top_k,
+                    k_max=min(cfg.max_k, self.vocab_size),
+                    vocab_size=self.vocab_size,
+                    # greedy acceptance does not depend on K: only its bytes count
+                    alpha_k_sensitivity=0.0 if cfg.greedy else 0.5,
+                ),
+                self.client_links.get(client, LinkProfile(cfg.uplink_mbps * 1e6, cfg.rtt_ms / 1000.0)),
+            )
+        return self.controllers[client]
+
+    def _adapt(self, report: "RoundReport", replies: dict[str, DraftReply], metrics: dict[str, dict[str, Any]],
+               agreements: dict[str, float], round_seconds: float | None) -> None:
+        """Feed each client's controller this round's measurements (SPEC theory: T = a*gamma + b)."""
+        for client, reply in replies.items():
+            positions = int(reply.lengths.sum())
+            draft_seconds = float(metrics.get(client, {}).get("draft_seconds", 0.0))
+            wall = round_seconds if round_seconds is not None else draft_seconds + report.server_seconds
+            kept = reply.kept_mass()[reply.valid_mask()]
+            self.controller(client).update(
+                alpha=agreements.get(client),
+                round_cost=max(wall - draft_seconds, 1e-4),
+                draft_time_per_token=draft_seconds / positions if positions else None,
+                kept_mass=float(kept.mean()) if kept.size else None,
+                k=reply.k,
+                gamma=int(reply.gamma),
+                sequences=max(1, int(reply.batch_size)),
+            )
 
     def set_client_settings(self, client: str, gamma: int, k: int) -> None:
         self.client_settings[client] = (int(gamma), int(k))
@@ -304,8 +349,12 @@ class Coordinator:
         *,
         client_metrics: dict[str, dict[str, Any]] | None = None,
         faults: dict[str, str] | None = None,
+        round_seconds: float | None = None,
     ) -> RoundReport:
-        """Verify this round's drafts and commit the accepted tokens."""
+        """Verify this round's drafts and commit the accepted tokens.
+
+        ``round_seconds``: wall time of the round's message exchange, when the transport knows
+        it (feeds the adaptive controller's per-round cost)."""
         started = time.perf_counter()
         faults = dict(faults or {})
         client_metrics = client_metrics or {}
@@ -345,6 +394,8 @@ class Coordinator:
         report.downlink_bytes = sum(r.nbytes() for r in self._planned.values())
         report.clients_asked = len(self._planned)
         report.clients_replied = len(valid)
+        if self.config.adaptive:
+            self._adapt(report, valid, client_metrics, self._last_agreement, round_seconds)
         self._planned = {}
         self.rounds.append(report)
         return report
@@ -352,6 +403,7 @@ class Coordinator:
     def _verify(self, seqs: list[_Sequence], clients: list[str], replies: dict[str, DraftReply]) -> RoundReport:
         cfg = self.config
         b, c, v = len(seqs), len(clients), self.vocab_size
+        self._last_agreement = {}
         g = max([int(r.lengths.max()) if r.lengths.size else 0 for r in replies.values()], default=0)
         client_tokens = torch.zeros((b, c, g), dtype=torch.long)
         client_lengths = torch.zeros((b, c), dtype=torch.long)
@@ -393,6 +445,8 @@ class Coordinator:
             values = agreement(probs[:, :g], client_q[:, ci])[mask] if g else torch.zeros(0)
             mass = np.concatenate(kept[client]) if kept[client] else np.zeros(0)
             self.weights.observe(client, values.numpy(), mass)
+            if values.numel():
+                self._last_agreement[client] = float(values.mean())
 
         drafted = int(path.lengths.sum())
         accepted = int(result.num_accepted.sum())

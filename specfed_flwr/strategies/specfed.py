@@ -194,6 +194,8 @@ class SpecFedStrategy(Strategy):
             if "max-k" in info:
                 k = min(k, int(info["max-k"]))
             coordinator.set_client_settings(name, gamma, k)
+            coordinator.set_client_link(name, float(info.get("uplink-mbps", cfg.uplink_mbps)),
+                                        float(info.get("rtt-ms", cfg.rtt_ms)))
 
         items = self._prompt_items(prompts, indices, infos)
         for index, prompt, owner in items:
@@ -213,9 +215,10 @@ class SpecFedStrategy(Strategy):
                               group_id=str(coordinator.round))
                 for name, req in requests.items()
             }
-            raw, _ = self._exchange(grid, messages, cfg.round_timeout)
+            raw, exchange_seconds = self._exchange(grid, messages, cfg.round_timeout)
             replies, metrics, faults = self.decode_replies(requests, raw)
-            report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults)
+            report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults,
+                                                round_seconds=exchange_seconds)
             for name in requests:
                 if name in report.faults:
                     coordinator.forget_client_state(name)  # it may have lost or skipped state: resend whole
