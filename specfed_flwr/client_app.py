@@ -7,7 +7,10 @@ Two query handlers:
   compact top-K arrays and metrics.
 
 The work lives in ``device.DeviceRuntime`` (kept per process, so the draft model and the
-KV caches stay warm between rounds). A failure becomes a Flower error reply, never a crash.
+KV caches stay warm between rounds). In the deployment engine, where every message gets a
+fresh ClientApp process, the node's ``worker-address`` (node_config) names a long-lived
+draft worker that holds that state instead (see ``worker.py``). A failure becomes a Flower
+error reply, never a crash.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from flwr.clientapp import ClientApp
 
 from .device import RUNTIME, node_settings
 from .records import config_record, reply_content, request_from_content
+from .worker import authkey, call_worker
 
 app = ClientApp()
 
@@ -29,7 +33,11 @@ def _key(message: Message, context: Context) -> tuple[int, int]:
 def handshake(message: Message, context: Context) -> Message:
     server_cfg = dict(message.content.config_records["config"])
     settings = node_settings(server_cfg, context.node_config)
-    info = RUNTIME.handshake(_key(message, context), settings)
+    address = context.node_config.get("worker-address")
+    if address:
+        info = call_worker(str(address), ("handshake", _key(message, context), settings), key=authkey(context.node_config))
+    else:
+        info = RUNTIME.handshake(_key(message, context), settings)
     return Message(RecordDict({"info": config_record(info)}), reply_to=message)
 
 
@@ -37,6 +45,13 @@ def handshake(message: Message, context: Context) -> Message:
 def draft(message: Message, context: Context) -> Message:
     request, server_cfg = request_from_content(message.content)
     settings = node_settings(server_cfg, context.node_config)
-    reply, metrics = RUNTIME.draft(_key(message, context), settings, request)
+    address = context.node_config.get("worker-address")
+    if address:
+        reply, metrics = call_worker(
+            str(address), ("draft", _key(message, context), settings, request.arrays(), request.config()),
+            key=authkey(context.node_config),
+        )
+    else:
+        reply, metrics = RUNTIME.draft(_key(message, context), settings, request)
     return Message(reply_content(reply, metrics), reply_to=message)
 

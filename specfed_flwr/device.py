@@ -8,6 +8,7 @@ The ClientApp and the deployment draft worker both go through ``DeviceRuntime``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import Counter
 from typing import Any, Mapping
@@ -83,6 +84,7 @@ class DeviceRuntime:
                 "draft_identity": loaded.identity,
                 "draft_load_seconds": float(loaded.load_seconds),
                 "draft_loads": int(sum(self.load_counts.values())),
+                "pid": os.getpid(),
             }
         )
         for k in ("max-k", "uplink-mbps", "downlink-mbps", "rtt-ms"):
@@ -99,6 +101,7 @@ class DeviceRuntime:
         reply, metrics = self.client(key, settings).handle(request)
         out = metrics.as_dict()
         out["draft_loads"] = int(sum(self.load_counts.values()))
+        out["pid"] = os.getpid()
         return reply, out
 
 

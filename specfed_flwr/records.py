@@ -43,10 +43,11 @@ def request_from_content(content: RecordDict) -> tuple[DraftRequest, dict[str, A
     return DraftRequest.from_parts(arrays, cfg), cfg
 
 
-def reply_content(reply: DraftReply, metrics: Mapping[str, float | int]) -> RecordDict:
+def reply_content(reply: DraftReply | Mapping[str, np.ndarray], metrics: Mapping[str, float | int]) -> RecordDict:
+    arrays = reply_to_arrays(reply) if isinstance(reply, DraftReply) else reply
     return RecordDict(
         {
-            "draft": _array_record(reply_to_arrays(reply)),
+            "draft": _array_record(arrays),
             "metrics": MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in metrics.items()}),
         }
     )

@@ -16,7 +16,7 @@ from specfed_flwr.adversarial import RandomDraftProposer
 from specfed_flwr.client_core import DraftClient
 from specfed_flwr.config import SpecFedConfig
 from specfed_flwr.engine import InProcessEngine
-from specfed_flwr.models import tiny_llama
+from specfed_flwr.specs import tiny_llama
 
 VOCAB = 1024
 NEW_TOKENS = 12

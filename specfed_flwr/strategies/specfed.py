@@ -206,9 +206,14 @@ class SpecFedStrategy(Strategy):
         clients = list(infos)
         missed: dict[str, int] = {c: 0 for c in clients}
         benched: dict[str, int] = {}  # deselected client -> round it may rejoin
+        pids = {name: info.get("pid") for name, info in infos.items()}
+        last_metrics: dict[str, dict[str, Any]] = {}  # newest metrics of each node
+        ephemeral: set[str] = set()  # nodes whose ClientApp process changes every message
         extra = {"draft": cfg.draft, "draft-quantization": cfg.draft_quantization}
         while coordinator.has_work and coordinator.round < cfg.max_rounds:
             selected = [c for c in clients if benched.get(c, 0) <= coordinator.round + 1]
+            for name in ephemeral:
+                coordinator.forget_client_state(name)  # it keeps nothing between messages
             requests = coordinator.plan_round(selected)
             messages = {
                 name: Message(request_content(req, extra), dst_node_id=int(name), message_type=DRAFT_MESSAGE,
@@ -217,8 +222,18 @@ class SpecFedStrategy(Strategy):
             }
             raw, exchange_seconds = self._exchange(grid, messages, cfg.round_timeout)
             replies, metrics, faults = self.decode_replies(requests, raw)
+            for name, m in metrics.items():
+                last_metrics[name] = m
             report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults,
                                                 round_seconds=exchange_seconds)
+            for name in replies:
+                pid = metrics.get(name, {}).get("pid")
+                if pid is not None and pids.get(name) is not None and pid != pids[name] and name not in ephemeral:
+                    ephemeral.add(name)
+                    log(WARNING, "node %s answers from a new process every message (no draft worker?): sending "
+                        "whole sequences and reloading its draft each round; start `specfed-flwr draft-worker` "
+                        "next to its SuperNode and set worker-address in its node_config", name)
+                pids[name] = pid if pid is not None else pids.get(name)
             for name in requests:
                 if name in report.faults:
                     coordinator.forget_client_state(name)  # it may have lost or skipped state: resend whole
@@ -242,7 +257,11 @@ class SpecFedStrategy(Strategy):
         results = sorted(coordinator.finished, key=lambda r: r.index)
         summary = coordinator.summary(wall)
         summary["excluded"] = excluded
-        summary["draft_loads"] = {n: info.get("draft_loads") for n, info in infos.items()}
+        summary["draft_loads"] = {
+            n: max(int(info.get("draft_loads") or 0), int(last_metrics.get(n, {}).get("draft_loads", 0)))
+            for n, info in infos.items()
+        }
+        summary["ephemeral_nodes"] = sorted(ephemeral)
         return SpecFedResult(
             sequences=results,
             summary=summary,
