@@ -40,7 +40,7 @@ def _oracle(prompts, budgets):
 def run_app(tmp_path, num_supernodes: int, prompts, **overrides):
     results = tmp_path / "results.jsonl"
     captured = {}
-    cfg = {"target": "tiny:0", "draft": "tiny:1", "device": "cpu", "chat-template": False, "results": str(results),
+    cfg = {"target": "tiny:0", "draft": "tiny:0", "draft-quantization": "none", "device": "cpu", "chat-template": False, "results": str(results),
            "max-new-tokens": 10, "max-active-sequences": 4, "round-timeout": 60.0, "min-nodes": num_supernodes}
     cfg.update(overrides)
     server_app = make_server_app(cfg, prompts=prompts, on_result=lambda r: captured.update(r=r))
@@ -63,7 +63,7 @@ def test_simulation_greedy_equals_target_generate(tmp_path, mode, clients):
     finishing_rounds = {rep.round for rep in result.rounds if rep.finished}
     assert len(finishing_rounds) >= 2
     assert max(rep.active_sequences for rep in result.rounds) == 4
-    assert result.summary["drafted_positions"] > 0
+    assert result.summary["accepted"] > 0  # multi-token rounds crossed the transport
     assert len(result.nodes) == clients
     if mode == "per-device":
         owners = {s.owner for s in result.sequences}
