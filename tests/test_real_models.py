@@ -1,0 +1,124 @@
+"""The embedded default pair (SmolLM2-135M-Instruct fp32 target + int8 draft), offline.
+
+The first run converts the GGUF once into the cache (30-60 s); later runs load in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from specfed_flwr import models as M
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain photosynthesis in simple terms.",
+    "List three tips for learning Python.",
+]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def offline():
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        M.gguf_path()
+    except FileNotFoundError as exc:
+        if not (M.cache_dir() / M.DEFAULT_DIRNAME / M._MARKER).is_file():
+            pytest.skip(str(exc))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def pair(offline):
+    return M.load_pair()
+
+
+@pytest.fixture(scope="module")
+def greedy(pair):
+    """The target's own greedy continuations (prompt ids, continuation ids) of the chat prompts."""
+    outs = []
+    with torch.inference_mode():
+        for text in PROMPTS:
+            ids = M.format_prompt(pair.tokenizer, text)
+            x = torch.tensor([ids], device=pair.target_device)
+            gen = pair.target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                                       do_sample=False)
+            outs.append((ids, gen[0, len(ids):].tolist()))
+    return outs
+
+
+def _agreement(draft, device, greedy) -> float:
+    agree = total = 0
+    with torch.inference_mode():
+        for ids, cont in greedy:
+            full = torch.tensor([ids + cont], device=device)
+            pred = draft(full).logits[0, len(ids) - 1:-1].argmax(-1).tolist()
+            agree += sum(int(p == t) for p, t in zip(pred, cont))
+            total += len(cont)
+    return agree / total
+
+
+def test_default_pair_loads_offline(pair):
+    assert pair.vocab_size == 49152
+    assert pair.target.config.vocab_size == 49152 and pair.draft.config.vocab_size == 49152
+    assert pair.target_device == M.resolve_device("auto")
+    assert next(pair.target.parameters()).device.type == pair.target_device.type
+    assert all(p.dtype == torch.float32 for p in pair.target.parameters())
+    quantised = [m for m in pair.draft.modules() if isinstance(m, M.QuantLinear)]
+    assert len(quantised) == 30 * 7 + 1 and all(m.bits == 8 for m in quantised)
+    assert not any(isinstance(m, torch.nn.Linear) for m in pair.draft.modules())
+    target_bytes, draft_bytes = pair.info["target"]["parameter_bytes"], pair.info["draft"]["parameter_bytes"]
+    assert target_bytes == M.model_nbytes(pair.target) > 500e6
+    assert draft_bytes == M.model_nbytes(pair.draft) < 0.3 * target_bytes
+    assert pair.info["draft"]["quantization"] == "int8" and pair.info["target"]["dtype"] == "float32"
+    json.dumps(pair.info)
+
+
+def test_tokenizer_and_chat_prompt(pair):
+    fp = M.tokenizer_fingerprint(pair.tokenizer)
+    assert fp["vocab_size"] == 49152
+    ids = M.format_prompt(pair.tokenizer, "Hi")
+    assert ids[0] == pair.tokenizer.convert_tokens_to_ids("<|im_start|>") == 1
+    assert pair.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+    assert pair.target.generation_config.eos_token_id == 2 == pair.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_int8_draft_agrees_with_the_target(pair, greedy):
+    assert _agreement(pair.draft, pair.draft_device, greedy) >= 0.85
+
+
+def test_int4_draft_loads_smaller_and_still_agrees(offline, pair, greedy):
+    draft, tokenizer = M.load_draft("default", quantization="int4")
+    assert M.check_vocab_compatible((pair.target, pair.tokenizer), (draft, tokenizer)) == 49152
+    assert M.model_nbytes(draft) < pair.info["draft"]["parameter_bytes"]
+    assert _agreement(draft, torch.device("cpu"), greedy[:2]) >= 0.75
+
+
+def test_the_cached_conversion_is_reused(offline):
+    first = M.default_model_dir()
+    marker = first / M._MARKER
+    stamp = marker.stat().st_mtime_ns
+    conversions = M.CONVERSIONS
+    started = time.perf_counter()
+    again = M.default_model_dir()
+    assert time.perf_counter() - started < 1.0
+    assert again == first and M.CONVERSIONS == conversions and marker.stat().st_mtime_ns == stamp
+    assert (first / "model.safetensors").is_file() and (first / "tokenizer.json").is_file()
+    assert (first / "generation_config.json").is_file()
+    config = json.loads((first / "config.json").read_text())
+    assert "quantization_config" not in config and config["vocab_size"] == 49152
