@@ -15,6 +15,15 @@ batch of sequences and returns the compact top-K reply, ``forget`` frees a seque
   top-K it replaces the K-th slot, so the drafted token is always sent.
 
 The drafted token is moved to slot 0 (see docs/DESIGN.md, wire format).
+
+``HFDraftProposer`` drafts all sequences of a request together (``batched=True``, the
+default): one forward per draft step for the whole batch -- the first step feeds every
+sequence's pending tokens (right-padded, left-padded caches, attention mask and per-row
+positions, see ``kvcache.PaddedBatch``), the next gamma-1 steps one token per row; a row whose
+gamma is reached idles (masked) until the longest one is done. Each row is still sampled by
+``sparsify`` with its own ``sequence_generator(seed, round, seq_id)``, so the reply does not
+depend on batching (up to float noise in the logits). ``batched=False`` keeps the
+per-sequence loop.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .kvcache import crop_cache
+from .kvcache import PaddedBatch, cache_is_batchable, crop_cache, supports_padded_batching
 from .wire import DraftReply, make_reply
 
 _FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
@@ -127,10 +136,18 @@ class _SequenceState:
 class HFDraftProposer(DraftProposer):
     """Drafts with any Hugging Face causal LM; one DynamicCache per sequence."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        vocab_size: int | None = None,
+        device: str | torch.device | None = None,
+        *,
+        batched: bool = True,
+    ):
         self.model = model.eval()
         self.vocab_size = int(vocab_size or model.config.vocab_size)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.batched = bool(batched) and supports_padded_batching(model)
         self._states: dict[int, _SequenceState] = {}
         self.forward_calls = 0
 
@@ -179,23 +196,45 @@ class HFDraftProposer(DraftProposer):
         scale = temperature if temperature > 0 else 1.0
         return torch.softmax(logits / scale, dim=-1).cpu()
 
+    def _distribution(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        scale = temperature if temperature > 0 else 1.0
+        return torch.softmax(logits[: self.vocab_size].float() / scale, dim=-1).cpu()
+
     def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0) -> DraftReply:
         seq_ids = [int(s) for s in seq_ids]
-        g_max = max([int(g) for g in gammas], default=0)
+        gammas = [int(g) for g in gammas]
+        if len(gammas) != len(seq_ids):
+            raise ValueError(f"{len(seq_ids)} sequences but {len(gammas)} draft lengths")
+        g_max = max(gammas, default=0)
         k = min(int(k), self.vocab_size)
         b = len(seq_ids)
         ids_out = np.zeros((b, g_max, k), dtype=np.int64)
         probs_out = np.zeros((b, g_max, k), dtype=np.float16)
         lengths = np.zeros(b, dtype=np.int32)
         mode = "greedy" if temperature <= 0 else sampling
-        for row, (seq_id, gamma) in enumerate(zip(seq_ids, gammas)):
+        states = []
+        for seq_id in seq_ids:
             state = self._states.get(seq_id)
             if state is None:
                 raise DraftStateError(f"sequence {seq_id}: asked to draft a sequence this device has never seen")
-            # drafting starts from the committed prefix, whatever was drafted before
-            if len(state.tokens) > state.committed:
-                state.tokens = state.tokens[: state.committed]
-                state.cache_len = crop_cache(state.cache, state.cache_len, state.committed)
+            states.append(state)
+        drafting = [row for row in range(b) if gammas[row] > 0]
+        if (
+            self.batched
+            and len(drafting) > 1
+            and len({seq_ids[row] for row in drafting}) == len(drafting)
+            and all(cache_is_batchable(states[row].cache) for row in drafting)
+        ):
+            for state in states:
+                self._restart_from_committed(state)
+            self._propose_padded(
+                [seq_ids[r] for r in drafting], [states[r] for r in drafting], [gammas[r] for r in drafting],
+                drafting, k, mode, temperature, seed, round_, ids_out, probs_out, lengths,
+            )
+            return make_reply(np.array(seq_ids, dtype=np.int64), lengths, ids_out, probs_out, self.vocab_size)
+        for row, (seq_id, gamma) in enumerate(zip(seq_ids, gammas)):
+            state = states[row]
+            self._restart_from_committed(state)
             generator = sequence_generator(seed, round_, seq_id)
             for j in range(int(gamma)):
                 q = self._next_distribution(state, temperature).unsqueeze(0)
@@ -205,3 +244,52 @@ class HFDraftProposer(DraftProposer):
                 state.tokens.append(int(drafted[0]))
             lengths[row] = int(gamma)
         return make_reply(np.array(seq_ids, dtype=np.int64), lengths, ids_out, probs_out, self.vocab_size)
+
+    @staticmethod
+    def _restart_from_committed(state: _SequenceState) -> None:
+        """Drafting starts from the committed prefix, whatever was drafted before."""
+        if len(state.tokens) > state.committed:
+            state.tokens = state.tokens[: state.committed]
+            state.cache_len = crop_cache(state.cache, state.cache_len, state.committed)
+
+    @torch.inference_mode()
+    def _propose_padded(self, seq_ids, states, gammas, out_rows, k, mode, temperature, seed, round_, ids_out, probs_out, lengths):
+        """One batched forward per draft step for all ``states`` (every gamma >= 1)."""
+        for state in states:
+            if state.cache_len >= len(state.tokens):
+                # every token is cached: recompute the last one to get its logits
+                state.cache_len = crop_cache(state.cache, state.cache_len, len(state.tokens) - 1)
+        pending = [state.tokens[state.cache_len :] for state in states]
+        g_max = max(gammas)
+        batch = PaddedBatch(
+            [state.cache for state in states],
+            [state.cache_len for state in states],
+            device=self.device,
+            reserve=max(len(p) for p in pending) + g_max - 1,
+        )
+        generators = [sequence_generator(seed, round_, seq_id) for seq_id in seq_ids]
+        feed = pending
+        for j in range(g_max):
+            keep = [[len(toks) - 1] if toks else [] for toks in feed]
+            logits = batch.step(self.model, feed, keep)
+            self.forward_calls += 1
+            next_feed: list[list[int]] = []
+            for i, state in enumerate(states):
+                if not feed[i]:
+                    next_feed.append([])
+                    continue
+                q = self._distribution(logits[i, 0], temperature).unsqueeze(0)
+                ids, probs, drafted = sparsify(q, k, mode, generators[i])
+                row = out_rows[i]
+                ids_out[row, j] = ids[0].numpy()
+                probs_out[row, j] = probs[0].numpy()
+                token = int(drafted[0])
+                state.tokens.append(token)
+                next_feed.append([token] if j + 1 < gammas[i] else [])
+            feed = next_feed
+            if not any(feed):
+                break
+        for i, state in enumerate(states):
+            state.cache = batch.row_cache(i)
+            state.cache_len = batch.row_length(i)
+            lengths[out_rows[i]] = gammas[i]

@@ -4,6 +4,13 @@ The cache of a sequence holds the keys/values of its committed tokens except the
 one (which has not been fed yet). Scoring feeds the not-yet-cached committed tokens plus the
 draft path in one forward and returns the logits predicting every path position and one
 past it. Committing crops the cache back to the accepted prefix.
+
+``score_batch`` scores every active sequence in ONE forward (``batched=True``, the default):
+the per-sequence caches are left-padded into one batch, each row's pending tokens are
+right-padded, a 2-D attention mask and per-row ``position_ids`` keep the rows apart (see
+``kvcache.PaddedBatch``), and the new keys/values go back into each sequence's own cache.
+Sequences keep their own state, so they can join or leave at any round; ``batched=False``
+(or a model whose cache cannot be padded, e.g. sliding-window layers) loops over ``score``.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kvcache import crop_cache
+from .kvcache import PaddedBatch, cache_is_batchable, crop_cache, supports_padded_batching
 
 
 @dataclass
@@ -25,8 +32,16 @@ class _TargetSequence:
 
 
 class TargetVerifier:
-    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        vocab_size: int | None = None,
+        device: str | torch.device | None = None,
+        *,
+        batched: bool = True,
+    ):
         self.model = model.eval()
+        self.batched = bool(batched) and supports_padded_batching(model)
         self.vocab_size = int(vocab_size or model.config.vocab_size)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._seqs: dict[int, _TargetSequence] = {}
@@ -62,10 +77,46 @@ class TargetVerifier:
 
     def score_batch(self, seq_ids: list[int], paths: list[list[int]]) -> torch.Tensor:
         """Logits [B, G+1, V] (zero padded beyond each path) for several sequences."""
+        seq_ids = [int(s) for s in seq_ids]
+        if len(seq_ids) != len(paths):
+            raise ValueError(f"{len(seq_ids)} sequences but {len(paths)} paths")
         g = max((len(p) for p in paths), default=0)
         out = torch.zeros((len(seq_ids), g + 1, self.vocab_size), dtype=torch.float32)
+        if self._can_batch(seq_ids):
+            return self._score_padded(seq_ids, paths, out)
         for row, (seq_id, path) in enumerate(zip(seq_ids, paths)):
             out[row, : len(path) + 1] = self.score(seq_id, path)
+        return out
+
+    def _can_batch(self, seq_ids: list[int]) -> bool:
+        return (
+            self.batched
+            and len(seq_ids) > 1
+            and len(set(seq_ids)) == len(seq_ids)
+            and all(cache_is_batchable(self._seqs[s].cache) for s in seq_ids)
+        )
+
+    @torch.inference_mode()
+    def _score_padded(self, seq_ids: list[int], paths: list[list[int]], out: torch.Tensor) -> torch.Tensor:
+        seqs = [self._seqs[s] for s in seq_ids]
+        paths = [[int(t) for t in p] for p in paths]
+        pending = [seq.tokens[seq.cache_len :] + path for seq, path in zip(seqs, paths)]
+        keep = [list(range(len(p) - len(path) - 1, len(p))) for p, path in zip(pending, paths)]
+        started = time.perf_counter()
+        batch = PaddedBatch(
+            [seq.cache for seq in seqs],
+            [seq.cache_len for seq in seqs],
+            device=self.device,
+            reserve=max(len(p) for p in pending),
+        )
+        logits = batch.step(self.model, pending, keep)
+        self.forward_calls += 1
+        for row, (seq, path) in enumerate(zip(seqs, paths)):
+            seq.cache = batch.row_cache(row)
+            seq.cache_len += len(pending[row])
+            seq.scored_path = path
+            out[row, : len(path) + 1] = logits[row, : len(path) + 1, : self.vocab_size].float().cpu()
+        self.forward_seconds += time.perf_counter() - started
         return out
 
     def commit(self, seq_id: int, num_accepted: int, new_token: int) -> None:
