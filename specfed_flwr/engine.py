@@ -133,6 +133,10 @@ class ClientStats:
     rounds_replied: int = 0
     positions: int = 0
     uplink_bytes: int = 0
+    # the top-K part of the uplink (K ids + K probabilities per valid position), without the
+    # per-sequence header and the padding of short rows: the per-position cost the wire format
+    # promises and that compression is measured on
+    topk_bytes: int = 0
     downlink_bytes: int = 0
     draft_seconds: float = 0.0
     faults: list[str] = field(default_factory=list)
@@ -143,6 +147,7 @@ class ClientStats:
             "rounds_replied": self.rounds_replied,
             "positions": self.positions,
             "uplink_bytes": self.uplink_bytes,
+            "topk_bytes": self.topk_bytes,
             "downlink_bytes": self.downlink_bytes,
             "draft_seconds": self.draft_seconds,
             "faults": list(self.faults),
@@ -379,6 +384,7 @@ class Coordinator:
             self._to_release.pop(client, None)
             stats.positions += int(replies[client].lengths.sum())
             stats.uplink_bytes += payload_bytes(replies[client])
+            stats.topk_bytes += _topk_bytes(replies[client])
             stats.draft_seconds += float(client_metrics.get(client, {}).get("draft_seconds", 0.0))
         for client, reason in faults.items():
             self.client_stats.setdefault(client, ClientStats()).faults.append(f"round {self.round}: {reason}")
@@ -429,6 +435,11 @@ class Coordinator:
         verify_started = time.perf_counter()
         logits = self.target.score_batch([s.seq_id for s in seqs], paths)
         verify_seconds = time.perf_counter() - verify_started
+        if logits.shape[1] < g + 1:
+            # every path came out shorter than the widest reply (e.g. all drafters disagreed at
+            # position 0): pad to the reply width; positions past a path's length are masked
+            pad = logits.new_zeros((logits.shape[0], g + 1 - logits.shape[1], logits.shape[2]))
+            logits = torch.cat([logits, pad], dim=1)
         temperature = cfg.temperature if cfg.temperature > 0 else 1.0
         probs = torch.softmax(logits / temperature, dim=-1)
         if cfg.greedy:
@@ -520,6 +531,11 @@ class Coordinator:
         return summarize(self.finished, self.rounds, self.client_stats, self.vocab_size, wall_seconds, self.weights.snapshot())
 
 
+def _topk_bytes(reply: DraftReply) -> int:
+    per_slot = reply.token_ids.dtype.itemsize + reply.probs.dtype.itemsize
+    return int(reply.lengths.sum()) * int(reply.token_ids.shape[-1]) * per_slot
+
+
 def summarize(
     finished: list[SequenceResult],
     rounds: list[RoundReport],
@@ -539,6 +555,8 @@ def summarize(
     positions = sum(s.positions for s in client_stats.values())
     uplink_payload = sum(s.uplink_bytes for s in client_stats.values())
     per_position = uplink_payload / positions if positions else None
+    topk = sum(s.topk_bytes for s in client_stats.values())
+    topk_per_position = topk / positions if positions and topk else None
     return {
         "sequences": len(finished),
         "tokens": tokens,
@@ -554,9 +572,13 @@ def summarize(
         "uplink_bytes": uplink,
         "downlink_bytes": downlink,
         "uplink_bytes_per_token": uplink / tokens if tokens else None,
+        # all-in: every uplink byte (headers and padding included) over the positions drafted
         "uplink_bytes_per_position": per_position,
-        "compression_vs_fp32": full_distribution_bytes(vocab_size, "float32") / per_position if per_position else None,
-        "compression_vs_fp16": full_distribution_bytes(vocab_size, "float16") / per_position if per_position else None,
+        # the top-K distribution alone, what replaces one dense distribution per position
+        "topk_bytes_per_position": topk_per_position,
+        "compression_vs_fp32": full_distribution_bytes(vocab_size, "float32") / topk_per_position if topk_per_position else None,
+        "compression_vs_fp16": full_distribution_bytes(vocab_size, "float16") / topk_per_position if topk_per_position else None,
+        "compression_vs_fp32_all_in": full_distribution_bytes(vocab_size, "float32") / per_position if per_position else None,
         "verify_seconds": sum(r.verify_seconds for r in rounds),
         "clients": {c: s.as_dict() for c, s in client_stats.items()},
         "weights": weights or {},

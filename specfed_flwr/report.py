@@ -23,6 +23,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("tau (tokens per sequence-round)", _fmt(summary.get("tau"), ".2f")),
         ("uplink bytes / token", _fmt(summary.get("uplink_bytes_per_token"), ".1f")),
         ("uplink bytes / draft position", _fmt(summary.get("uplink_bytes_per_position"), ".1f")),
+        ("top-K bytes / draft position", _fmt(summary.get("topk_bytes_per_position"), ".1f")),
         ("compression vs full fp32 dist.", _fmt(summary.get("compression_vs_fp32"), ".0f") + "x"),
         ("rounds", _fmt(summary.get("rounds"))),
         ("seconds / round", _fmt(summary.get("seconds_per_round"), ".3f")),
