@@ -190,6 +190,42 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                     app_dir=args.app_dir, log_dir=args.log_dir)
 
 
+def _add_bench_args(parser: argparse.ArgumentParser) -> None:
+    from specfed_flwr.bench import build_parser
+
+    build_parser(parser)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from specfed_flwr.bench import run
+
+    return run(args)
+
+
+def _add_worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default="127.0.0.1:9191",
+                        help="where to listen: HOST:PORT (loopback recommended) or a Unix socket path; "
+                             "give the same value as the SuperNode's node_config worker-address")
+    parser.add_argument("--authkey", default=None,
+                        help="shared secret with the ClientApp (node_config worker-authkey); "
+                             "default: $SPECFED_WORKER_AUTHKEY or the built-in key (loopback only)")
+    parser.add_argument("--draft", default=None,
+                        help="draft model to load before the first message (e.g. default, a HF path, tiny:1)")
+    parser.add_argument("--draft-quantization", default="int8", help="weight quantization of the preloaded draft")
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
+    from specfed_flwr.worker import DEFAULT_AUTHKEY, run_worker_forever
+
+    key = args.authkey or os.environ.get("SPECFED_WORKER_AUTHKEY")
+    preload = (args.draft, args.draft_quantization) if args.draft else None
+    print(f"{PROG} draft-worker: listening on {args.address}" + (f", preloading {args.draft}" if args.draft else ""),
+          file=sys.stderr, flush=True)
+    return run_worker_forever(args.address, key.encode() if key else DEFAULT_AUTHKEY, preload)
+
+
 # ---------------------------------------------------------------------------------------------
 # registry and entry point
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +245,10 @@ _COMMANDS: tuple[_Command, ...] = (
              _add_simulate_args, _cmd_simulate),
     _Command("generate", "run the protocol in-process with local drafters (no Flower)",
              _add_generate_args, _cmd_generate),
+    _Command("bench", "benchmark suite: writes benchmarks/results.json, BENCHMARKS.md and plots",
+             _add_bench_args, _cmd_bench),
+    _Command("draft-worker", "long-lived draft worker for a SuperNode (deployment engine): keeps the "
+                             "draft model and KV caches warm across rounds", _add_worker_args, _cmd_worker),
 )
 
 
