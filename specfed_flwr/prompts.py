@@ -12,8 +12,10 @@ def default_prompt_records() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def load_prompts(spec: str) -> list[str]:
-    """``default``, a ``.jsonl`` file of {"prompt": ...} objects, or a text file with one prompt per line."""
+def load_prompts(spec: str) -> list[str] | list[list[int]]:
+    """``default``, a ``.jsonl`` file of {"prompt": "..."} or {"prompt_ids": [token ids]}
+    objects (ids: already tokenized, e.g. for models without a tokenizer), or a text file with
+    one prompt per line."""
     if spec == "default":
         return [r["prompt"] for r in default_prompt_records()]
     path = Path(spec).expanduser()
@@ -25,9 +27,17 @@ def load_prompts(spec: str) -> list[str]:
         for n, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
-                prompts.append(str(record["prompt"]))
+                if "prompt_ids" in record:
+                    ids = record["prompt_ids"]
+                    if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                        raise TypeError
+                    prompts.append(list(ids))
+                else:
+                    prompts.append(str(record["prompt"]))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' field") from None
+                raise ValueError(
+                    f"{path}:{n}: expected a JSON object with a 'prompt' string or a non-empty 'prompt_ids' list of token ids"
+                ) from None
     else:
         prompts = lines
     if not prompts:

@@ -53,9 +53,27 @@ def serve(
     result = strategy.generate(grid, [p for _, p in todo], indices=[i for i, _ in todo])
     result.summary["results_file"] = str(Path(cfg.results).resolve())
     result.summary["target_device"] = str(verifier.device)
+    result.summary["config"] = cfg.as_dict()
+    summary_path = write_summary(cfg.results, result.summary)
     log(INFO, "\n%s", summary_table(result.summary))
-    log(INFO, "results written to %s", Path(cfg.results).resolve())
+    log(INFO, "results written to %s (summary: %s)", Path(cfg.results).resolve(), summary_path)
     return result
+
+
+def summary_path_for(results: str | Path) -> Path:
+    path = Path(results)
+    return path.with_name(path.stem + ".summary.json")
+
+
+def write_summary(results: str | Path, summary: Mapping[str, Any]) -> Path:
+    """The run's summary and effective config next to the results file (replaced per run)."""
+    import json
+
+    path = summary_path_for(results)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def make_server_app(

@@ -67,6 +67,10 @@ def simulate(
     print(f"starting a SuperLink (simulation, {num_supernodes} SuperNodes); logs in {logs}", flush=True)
     with start_simulation_stack(num_supernodes, log_dir=logs) as stack:
         code = flwr_run(stack, _app_dir(app_dir), run_config, stream=True)
+        last = stack.last_run
     if code == 0:
         print(f"results: {run_config['results']}", flush=True)
+    else:
+        reason = last.details if last is not None and last.details not in (None, "", "N/A") else f"status {last.status if last else None}"
+        print(f"specfed-flwr simulate: the run did not complete: {reason} (logs in {logs})", flush=True)
     return code
