@@ -15,6 +15,8 @@ error reply, never a crash.
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -23,6 +25,22 @@ from .records import config_record, reply_content, request_from_content
 from .worker import authkey, call_worker
 
 app = ClientApp()
+log = logging.getLogger("specfed_flwr")
+_warned = False
+
+
+def _warn_in_process_load() -> None:
+    """A draft message that finds no model in this process had to load it: in the deployment
+    engine (a new ClientApp process per message) that happens every round."""
+    global _warned
+    if not _warned and not RUNTIME.load_counts:
+        _warned = True
+        log.warning(
+            "no draft worker configured for this node (node_config worker-address): loading the draft model "
+            "inside the ClientApp process. On Flower's deployment engine every message gets a new process, so "
+            "the model is reloaded and the KV caches rebuilt every round; start `specfed-flwr draft-worker "
+            "--address 127.0.0.1:PORT` next to the SuperNode and pass --node-config "
+            "'worker-address=\"127.0.0.1:PORT\"'")
 
 
 def _key(message: Message, context: Context) -> tuple[int, int]:
@@ -52,6 +70,7 @@ def draft(message: Message, context: Context) -> Message:
             key=authkey(context.node_config),
         )
     else:
+        _warn_in_process_load()
         reply, metrics = RUNTIME.draft(_key(message, context), settings, request)
     return Message(reply_content(reply, metrics), reply_to=message)
 

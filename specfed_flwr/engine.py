@@ -116,6 +116,7 @@ class RoundReport:
     finished: list[SequenceResult]
     faults: dict[str, str]
     weights: dict[str, float]
+    exchange_seconds: float | None = None  # wall time of the round's message exchange, when known
 
     def line(self) -> str:
         alpha = f"{self.alpha:.3f}" if self.alpha is not None else "  -  "
@@ -123,7 +124,9 @@ class RoundReport:
         return (
             f"round {self.round}: {self.active_sequences} active, {self.clients_replied}/{self.clients_asked} clients, "
             f"accepted {self.accepted}/{self.drafted}, +{self.emitted} tokens, alpha {alpha}, "
-            f"verify {self.verify_seconds * 1000:.0f} ms, up {self.uplink_bytes} B{faults}"
+            f"verify {self.verify_seconds * 1000:.0f} ms, up {self.uplink_bytes} B"
+            + (f", exchange {self.exchange_seconds * 1000:.0f} ms" if self.exchange_seconds is not None else "")
+            + faults
         )
 
 
@@ -139,7 +142,10 @@ class ClientStats:
     topk_bytes: int = 0
     downlink_bytes: int = 0
     draft_seconds: float = 0.0
-    faults: list[str] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)  # "round N: reason" of every dropped reply
+    # what the server did about this client: deselected / rejoined / weight collapsed / restored
+    events: list[str] = field(default_factory=list)
+    fault_kinds: dict[str, int] = field(default_factory=dict)  # kind (see ``fault_kind``) -> count
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -151,7 +157,46 @@ class ClientStats:
             "downlink_bytes": self.downlink_bytes,
             "draft_seconds": self.draft_seconds,
             "faults": list(self.faults),
+            "events": list(self.events),
+            "fault_kinds": dict(self.fault_kinds),
         }
+
+
+#: the limits a run enforces (config key -> what hitting it means)
+LIMITS = {
+    "max_k": "replies refused for carrying more than max-k slots per position",
+    "max_gamma": "replies refused for carrying more than max-gamma positions",
+    "max_reply_bytes": "replies refused for being larger than max-reply-bytes",
+    "max_active_sequences": "rounds in which sequences waited because max-active-sequences were active",
+    "max_new_tokens": "sequences stopped at max-new-tokens",
+    "max_prompt_tokens": "prompts refused for being longer than max-prompt-tokens",
+}
+
+
+def fault_kind(reason: str) -> str:
+    """A short category for a dropped reply's reason (the summary counts faults per kind)."""
+    text = str(reason)
+    if "exceeds max_k" in text:
+        return "limit:max-k"
+    if "exceeds max_gamma" in text:
+        return "limit:max-gamma"
+    if "exceeds max_bytes" in text:
+        return "limit:max-reply-bytes"
+    if text.startswith("no reply"):
+        return "deadline"
+    if text.startswith("error reply"):
+        return "error-reply"
+    if text.startswith("reply from "):  # wire.WireFormatError
+        return "wire-format"
+    if "no 'draft' array record" in text:
+        return "missing-record"
+    if text.startswith(("reply claims", "reply is missing", "sequence ", "reply has K=")):
+        return "protocol"
+    return "invalid-reply"
+
+
+def _limit_of_kind(kind: str) -> str | None:
+    return {"limit:max-k": "max_k", "limit:max-gamma": "max_gamma", "limit:max-reply-bytes": "max_reply_bytes"}.get(kind)
 
 
 class Coordinator:
@@ -189,6 +234,31 @@ class Coordinator:
         self.finished: list[SequenceResult] = []
         self.rounds: list[RoundReport] = []
         self._generator = torch.Generator().manual_seed(int(config.seed))
+        self.limit_hits: dict[str, int] = {name: 0 for name in LIMITS}
+        self._collapsed: set[str] = set()
+
+    # ---- limits and events -------------------------------------------------------------------
+    def hit_limit(self, name: str, detail: str = "", count: int = 1) -> None:
+        """Count a limit being hit; the first hit of each limit is logged."""
+        first = self.limit_hits.get(name, 0) == 0
+        self.limit_hits[name] = self.limit_hits.get(name, 0) + count
+        if first:
+            value = getattr(self.config, name, None)
+            # a full batch and sequences stopping at their budget are normal operation
+            level = logging.INFO if name in ("max_active_sequences", "max_new_tokens") else logging.WARNING
+            log.log(level, "limit %s=%s hit%s (counted in the summary's 'limits')",
+                    name.replace("_", "-"), value, f": {detail}" if detail else "")
+
+    def note_event(self, client: str, text: str) -> None:
+        """Something the server did about a client (deselection, rejoin, weight collapse)."""
+        self.client_stats.setdefault(client, ClientStats()).events.append(f"round {self.round}: {text}")
+        log.warning("round %d: %s %s", self.round, client, text)
+
+    def limits(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {"value": getattr(self.config, name), "hits": int(self.limit_hits.get(name, 0)), "meaning": meaning}
+            for name, meaning in LIMITS.items()
+        }
 
     # ---- sequences -----------------------------------------------------------------------
     def submit(
@@ -204,6 +274,7 @@ class Coordinator:
         if not prompt_ids:
             raise ValueError("a prompt must have at least one token")
         if len(prompt_ids) > self.config.max_prompt_tokens:
+            self.hit_limit("max_prompt_tokens", f"a prompt of {len(prompt_ids)} tokens was refused")
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, above max-prompt-tokens {self.config.max_prompt_tokens}")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
@@ -238,6 +309,8 @@ class Coordinator:
             seq = self._waiting.pop(0)
             self.target.start(seq.seq_id, seq.prompt_ids)
             self._active[seq.seq_id] = seq
+        if self._waiting:
+            self.hit_limit("max_active_sequences", f"{len(self._waiting)} sequence(s) wait for a free slot")
 
     def settings_for(self, client: str) -> tuple[int, int]:
         """(gamma, K) for a client this round: fixed, or the adaptive controller's choice."""
@@ -326,6 +399,23 @@ class Coordinator:
             )
         return dict(self._planned)
 
+    def _check_weights(self, clients: Iterable[str]) -> None:
+        """Report a client whose bias-aware weight collapsed (it stops drafting, is probed
+        every ``rejoin_after_rounds`` rounds) or came back."""
+        for client in clients:
+            rec = self.weights.records.get(client)
+            if rec is None:
+                continue
+            collapsed = self.weights.raw_weight(client) == 0.0
+            if collapsed and client not in self._collapsed:
+                self._collapsed.add(client)
+                self.note_event(client, (
+                    f"weight collapsed (measured agreement {rec.agreement:.3f} < weight-drop-below "
+                    f"{self.config.weight_drop_below:g}): deselected, probed every {self.config.rejoin_after_rounds} rounds"))
+            elif not collapsed and client in self._collapsed:
+                self._collapsed.discard(client)
+                self.note_event(client, f"weight restored (measured agreement {rec.agreement:.3f}): drafting again")
+
     def forget_client_state(self, client: str) -> None:
         """The client lost its caches (restart): resend whole sequences next time."""
         for seq in self._active.values():
@@ -387,7 +477,13 @@ class Coordinator:
             stats.topk_bytes += _topk_bytes(replies[client])
             stats.draft_seconds += float(client_metrics.get(client, {}).get("draft_seconds", 0.0))
         for client, reason in faults.items():
-            self.client_stats.setdefault(client, ClientStats()).faults.append(f"round {self.round}: {reason}")
+            stats = self.client_stats.setdefault(client, ClientStats())
+            stats.faults.append(f"round {self.round}: {reason}")
+            kind = fault_kind(reason)
+            stats.fault_kinds[kind] = stats.fault_kinds.get(kind, 0) + 1
+            limit = _limit_of_kind(kind)
+            if limit is not None:
+                self.hit_limit(limit, f"{client}: {reason}")
             if client in self._planned and client not in valid:
                 log.warning("round %d: %s dropped: %s", self.round, client, reason)
 
@@ -395,6 +491,7 @@ class Coordinator:
         clients = list(valid)
         report = self._verify(seqs, clients, valid)
         report.faults = faults
+        report.exchange_seconds = round_seconds
         report.server_seconds = time.perf_counter() - started
         report.uplink_bytes = sum(payload_bytes(r) for r in valid.values())
         report.downlink_bytes = sum(r.nbytes() for r in self._planned.values())
@@ -402,6 +499,7 @@ class Coordinator:
         report.clients_replied = len(valid)
         if self.config.adaptive:
             self._adapt(report, valid, client_metrics, self._last_agreement, round_seconds)
+        self._check_weights(valid)
         self._planned = {}
         self.rounds.append(report)
         return report
@@ -484,6 +582,7 @@ class Coordinator:
                     break
             if reason is None and seq.remaining <= 0:
                 reason = "length"
+                self.hit_limit("max_new_tokens", f"sequence {seq.index} stopped at {seq.max_new_tokens} new tokens")
             if reason is not None:
                 finished.append(self._finish(seq, reason))
         mean_alpha = float(alpha_bar[valid_pos].mean()) if drafted else None
@@ -528,7 +627,9 @@ class Coordinator:
 
     # ---- summary ---------------------------------------------------------------------------
     def summary(self, wall_seconds: float) -> dict[str, Any]:
-        return summarize(self.finished, self.rounds, self.client_stats, self.vocab_size, wall_seconds, self.weights.snapshot())
+        out = summarize(self.finished, self.rounds, self.client_stats, self.vocab_size, wall_seconds, self.weights.snapshot())
+        out["limits"] = self.limits()
+        return out
 
 
 def _topk_bytes(reply: DraftReply) -> int:
@@ -581,8 +682,25 @@ def summarize(
         "compression_vs_fp32_all_in": full_distribution_bytes(vocab_size, "float32") / per_position if per_position else None,
         "verify_seconds": sum(r.verify_seconds for r in rounds),
         "clients": {c: s.as_dict() for c, s in client_stats.items()},
+        # per client: fault kind -> count, plus what the server did about it (events)
+        "faults": {
+            c: {**s.fault_kinds, **_event_kinds(s.events)}
+            for c, s in client_stats.items() if s.fault_kinds or s.events
+        },
         "weights": weights or {},
     }
+
+
+def _event_kinds(events: list[str]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for e in events:
+        text = e.split(": ", 1)[-1]
+        kind = ("weight-collapsed" if text.startswith("weight collapsed") else
+                "weight-restored" if text.startswith("weight restored") else
+                "deselected" if text.startswith("deselected") else
+                "rejoined" if text.startswith("rejoin") else "event")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 # ---- the in-process engine ---------------------------------------------------------------------

@@ -58,7 +58,10 @@ __all__ = [
     "RunResult",
     "start_simulation_stack",
     "start_deployment_stack",
+    "worker_command",
     "flwr_run",
+    "attach_stack",
+    "stop_from_state",
     "free_port",
     "format_config_args",
     "pid_alive",
@@ -316,6 +319,8 @@ class FlowerStack:
     supernode_ports: list[int] = field(default_factory=list)
     node_ids: list[int] = field(default_factory=list)
     node_configs: list[dict] = field(default_factory=list)
+    #: ``host:port`` of each SuperNode's draft worker (deployment with ``draft_workers``)
+    worker_addresses: list[str] = field(default_factory=list)
     backend: dict | None = None
     last_run: RunResult | None = None
     _cleanup_dirs: list[Path] = field(default_factory=list, repr=False)
@@ -362,14 +367,42 @@ class FlowerStack:
         """Every PID this stack was ever seen to own (for leak checks after stop())."""
         return set(self._seen_pids)
 
-    def check_alive(self) -> None:
-        """Raise FlowerStackError (with the log tail) if a started process has exited."""
+    def check_alive(self, names: Iterable[str] | None = None) -> None:
+        """Raise FlowerStackError (with the log tail) if a started process has exited.
+
+        ``names``: only check these processes (e.g. ``["superlink"]`` while a run may lose
+        SuperNodes or draft workers on purpose)."""
+        wanted = None if names is None else set(names)
         for proc, name in zip(self.processes, self.process_names):
+            if wanted is not None and name not in wanted:
+                continue
             if proc.poll() is not None:
                 raise FlowerStackError(
                     f"{name} (pid {proc.pid}) exited with code {proc.returncode}; "
                     f"last log lines of {self.log_path(name)}:\n{_tail(self.log_path(name))}"
                 )
+
+    def process(self, name: str) -> subprocess.Popen:
+        """The started process called ``name`` (``superlink``, ``supernode-<i>``, ``worker-<i>``)."""
+        for proc, pname in zip(self.processes, self.process_names):
+            if pname == name:
+                return proc
+        raise KeyError(f"no process {name!r} in this stack (have {self.process_names})")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to the process group of one started process (fault injection).
+
+        Returns its pid. Flower's own children of a SuperNode (its SuperExec, a running
+        ``flwr-clientapp``) are in that group too and go with it; everything stays in the
+        stack's PID bookkeeping, so :meth:`stop` still reaps whatever is left."""
+        proc = self.process(name)
+        self.pids()  # remember its children before they are orphaned
+        _signal_group(proc.pid, sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        return proc.pid
 
     def stop(self, grace: float = _STOP_GRACE_S) -> None:
         """Stop everything this stack started (SIGTERM, then SIGKILL). Idempotent."""
@@ -749,6 +782,46 @@ def start_simulation_stack(
         raise
 
 
+def _start_all_with_port_retry(stack: FlowerStack, names: list[str], make_cmd, what: str,
+                               started: list[subprocess.Popen] | None = None,
+                               ports: list[int] | None = None) -> list[int]:
+    """Start ``make_cmd(i, port)`` for every name at once (start-up is CPU bound), then wait
+    for each port; a process that lost its port to another process is restarted on a new
+    one. ``started``/``ports``: processes already started with :func:`_popen` (wait only)."""
+    ports = list(ports) if ports is not None else [free_port() for _ in names]
+    procs = list(started) if started is not None else [
+        _popen(make_cmd(i, ports[i]), name=name, stack=stack) for i, name in enumerate(names)]
+    for i, name in enumerate(names):
+        for attempt in range(_PORT_RETRIES):
+            try:
+                _wait_until(lambda: _port_open(ports[i]), proc=procs[i], name=name, stack=stack,
+                            timeout=_START_TIMEOUT_S, what=what)
+                break
+            except FlowerStackError:
+                if attempt + 1 < _PORT_RETRIES and procs[i].poll() is not None \
+                        and _address_in_use(stack, name):
+                    idx = stack.processes.index(procs[i])
+                    stack.processes.pop(idx)
+                    stack.process_names.pop(idx)
+                    ports[i] = free_port()
+                    procs[i] = _popen(make_cmd(i, ports[i]), name=name, stack=stack)
+                    continue
+                raise
+    return ports
+
+
+def worker_command(address: str, draft: str | None = None, quantization: str = "int8") -> list[str]:
+    """``specfed-flwr draft-worker --address HOST:PORT [--draft SPEC --draft-quantization Q]``."""
+    try:
+        cmd = [_bin("specfed-flwr")]
+    except FlowerStackError:
+        cmd = [sys.executable, "-m", "specfed_flwr.cli"]
+    cmd += ["draft-worker", "--address", address]
+    if draft:
+        cmd += ["--draft", draft, "--draft-quantization", quantization]
+    return cmd
+
+
 def start_deployment_stack(
     num_supernodes: int = 2,
     *,
@@ -758,6 +831,9 @@ def start_deployment_stack(
     work_dir: Path | None = None,
     cwd: Path | None = None,
     superexec_poll_s: float = DEFAULT_SUPEREXEC_POLL_S,
+    draft_workers: bool = False,
+    worker_draft: str | None = None,
+    worker_quantization: str = "int8",
 ) -> FlowerStack:
     """Start ``flower-superlink --insecure`` and N ``flower-supernode`` processes.
 
@@ -765,52 +841,60 @@ def start_deployment_stack(
     ``{"partition-id": i, "num-partitions": N}``, like the simulation engine). Returns
     once every SuperNode has registered (its log shows ``SuperNode ID: <id>``); the ids
     are in ``stack.node_ids``.
+
+    ``draft_workers``: also start one ``specfed-flwr draft-worker`` per SuperNode (process
+    ``worker-<i>``, on its own loopback port, preloading ``worker_draft`` when given) and
+    add ``worker-address="127.0.0.1:<port>"`` to that SuperNode's node_config, so its
+    ClientApps hand every message to the warm worker. The stack draws a random worker
+    authkey and passes it to the workers and the ClientApps as ``SPECFED_WORKER_AUTHKEY``
+    (environment, not command line). Workers are stopped with the stack, by PID.
     """
     if node_configs is not None and len(node_configs) != num_supernodes:
         raise ValueError("len(node_configs) must equal num_supernodes")
     stack = _new_stack("deployment", num_supernodes, log_dir, flwr_home, work_dir, cwd,
                        superexec_poll_s)
     try:
-        configs = node_configs or [
+        configs = [dict(c) for c in node_configs] if node_configs else [
             {"partition-id": i, "num-partitions": num_supernodes} for i in range(num_supernodes)
         ]
-        stack.node_configs = [dict(c) for c in configs]
+        worker_names = [f"worker-{i}" for i in range(num_supernodes)] if draft_workers else []
+        worker_ports: list[int] = []
+        worker_procs: list[subprocess.Popen] = []
+        if draft_workers:
+            import secrets
+
+            stack.env["SPECFED_WORKER_AUTHKEY"] = secrets.token_hex(16)
+
+            def worker_cmd(i: int, port: int) -> list[str]:
+                return worker_command(f"{LOOPBACK}:{port}", worker_draft, worker_quantization)
+
+            # start the workers first: their imports and model load overlap the SuperLink's start
+            worker_ports = [free_port() for _ in worker_names]
+            worker_procs = [_popen(worker_cmd(i, worker_ports[i]), name=n, stack=stack)
+                            for i, n in enumerate(worker_names)]
         _start_superlink(stack, simulation=False)
+        if draft_workers:
+            worker_ports = _start_all_with_port_retry(stack, worker_names, worker_cmd, "draft worker port",
+                                                      started=worker_procs, ports=worker_ports)
+            stack.worker_addresses = [f"{LOOPBACK}:{port}" for port in worker_ports]
+            for cfg, address in zip(configs, stack.worker_addresses):
+                cfg["worker-address"] = address
+        stack.node_configs = [dict(c) for c in configs]
         names = [f"supernode-{i}" for i in range(num_supernodes)]
 
-        def make_cmd(port: int, cfg: dict) -> list[str]:
+        def make_cmd(i: int, port: int) -> list[str]:
             cmd = [_bin("flower-supernode"), "--insecure", "--superlink",
                    stack.superlink_address, "--host", LOOPBACK, "--port", str(port)]
-            if cfg:
-                cmd += ["--node-config", format_config_args(cfg)]
+            if configs[i]:
+                cmd += ["--node-config", format_config_args(configs[i])]
             return cmd
 
-        # Start all SuperNodes at once (their start-up is CPU bound), then wait for each
-        # Runtime API port; a SuperNode that lost its port to another process is restarted.
-        ports = [free_port() for _ in names]
-        procs = [_popen(make_cmd(port, cfg), name=name, stack=stack)
-                 for port, cfg, name in zip(ports, configs, names)]
-        for i, name in enumerate(names):
-            for attempt in range(_PORT_RETRIES):
-                try:
-                    _wait_until(lambda: _port_open(ports[i]), proc=procs[i], name=name, stack=stack,
-                                timeout=_START_TIMEOUT_S, what="Runtime API port")
-                    break
-                except FlowerStackError:
-                    if attempt + 1 < _PORT_RETRIES and procs[i].poll() is not None \
-                            and _address_in_use(stack, name):
-                        idx = stack.processes.index(procs[i])
-                        stack.processes.pop(idx)
-                        stack.process_names.pop(idx)
-                        ports[i] = free_port()
-                        procs[i] = _popen(make_cmd(ports[i], configs[i]), name=name, stack=stack)
-                        continue
-                    raise
-        stack.supernode_ports = list(ports)
+        # Each SuperNode needs its own Runtime API port (--port).
+        stack.supernode_ports = _start_all_with_port_retry(stack, names, make_cmd, "Runtime API port")
         node_ids: dict[str, int] = {}
         deadline = time.monotonic() + _START_TIMEOUT_S
         for name in names:
-            proc = procs[names.index(name)]
+            proc = stack.process(name)
 
             def registered(name=name) -> bool:
                 m = re.search(r"SuperNode ID: (\d+)", _tail(stack.log_path(name), 400))
@@ -921,7 +1005,7 @@ def flwr_run(
 
     if stack._stopped:
         raise FlowerStackError("stack is stopped")
-    stack.check_alive()
+    stack.check_alive(["superlink"])  # SuperNodes/workers may go away: the app copes
     app_dir = Path(app_dir).expanduser().resolve()
     if not (app_dir / "pyproject.toml").exists():
         raise FileNotFoundError(f"{app_dir}/pyproject.toml not found")
@@ -1007,7 +1091,7 @@ def flwr_run(
                 deadline is not None and time.monotonic() > deadline
             ):
                 break
-            stack.check_alive()
+            stack.check_alive(["superlink"])  # SuperNodes/workers may go away: the app copes
             time.sleep(0.5)
 
     if timed_out:
@@ -1043,19 +1127,85 @@ def flwr_run(
 # ------------------------------------------------------------------------------ CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m specfed_flwr.launch {simulation,deployment} [options]``.
+def _write_state(stack: FlowerStack, path: Path) -> None:
+    """What ``run``/``down`` need to use a stack started by another (background) launcher."""
+    state = {
+        "launcher_pid": os.getpid(),
+        "stack_id": stack.stack_id,
+        "kind": stack.kind,
+        "federation": stack.federation,
+        "superlink_address": stack.superlink_address,
+        "flwr_home": str(stack.flwr_home),
+        "work_dir": str(stack.work_dir),
+        "log_dir": str(stack.log_dir),
+        "cwd": str(stack.cwd),
+        "node_ids": stack.node_ids,
+        "node_configs": stack.node_configs,
+        "worker_addresses": stack.worker_addresses,
+        "processes": {name: proc.pid for name, proc in zip(stack.process_names, stack.processes)},
+        "pids": sorted(stack.pids()),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)
 
-    Starts a stack, runs ``flwr run`` once with streamed logs, stops the stack and exits
-    with :func:`flwr_run`'s code. ``--keep`` leaves the stack up until Ctrl-C and prints
-    the shell commands to use it by hand.
+
+def attach_stack(state_file: Path) -> FlowerStack:
+    """A handle on a stack another launcher keeps up (``--keep --state FILE``), for
+    :func:`flwr_run`. It owns no processes: stop that stack with :func:`stop_from_state`."""
+    state = json.loads(Path(state_file).read_text())
+    if not pid_alive(int(state["launcher_pid"])):
+        raise FlowerStackError(f"the launcher of {state_file} (pid {state['launcher_pid']}) is not running")
+    host, port = state["superlink_address"].rsplit(":", 1)
+    flwr_home = Path(state["flwr_home"])
+    return FlowerStack(
+        kind=state["kind"], processes=[], process_names=[], flwr_home=flwr_home,
+        federation=state["federation"], superlink_host=host, superlink_port=int(port),
+        log_dir=Path(state["log_dir"]), work_dir=Path(state["work_dir"]), cwd=Path(state["cwd"]),
+        env=_base_env(state["stack_id"] + "-cli", flwr_home, DEFAULT_SUPEREXEC_POLL_S),
+        stack_id=state["stack_id"] + "-cli", node_ids=list(state.get("node_ids") or []),
+        node_configs=list(state.get("node_configs") or []),
+        worker_addresses=list(state.get("worker_addresses") or []),
+        _run_counter=len(list(Path(state["log_dir"]).glob("run-*.log"))) + 100,
+    )
+
+
+def stop_from_state(state_file: Path, grace: float = _STOP_GRACE_S + 4) -> list[int]:
+    """Stop a stack kept up by a background launcher: SIGTERM the launcher (it stops its
+    stack), then SIGKILL any process of that stack still alive (recorded PIDs and the
+    stack's environment marker). Returns the PIDs that had to be SIGKILLed."""
+    path = Path(state_file)
+    state = json.loads(path.read_text())
+    launcher = int(state["launcher_pid"])
+    recorded = {int(p) for p in state.get("pids") or []} | {int(p) for p in (state.get("processes") or {}).values()}
+    _signal_pid(launcher, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and (pid_alive(launcher) or any(pid_alive(p) for p in recorded)):
+        time.sleep(0.2)
+    left = {p for p in recorded | {launcher} if pid_alive(p)} | _marked_pids(state["stack_id"])
+    for pid in left:
+        _signal_pid(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    return sorted(left)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m specfed_flwr.launch {simulation,deployment,run,down} [options]``.
+
+    ``simulation`` / ``deployment``: start a stack, run ``flwr run`` once with streamed
+    logs, stop the stack and exit with :func:`flwr_run`'s code. ``--workers`` (deployment)
+    starts a draft worker next to every SuperNode. ``--keep`` leaves the stack up until
+    Ctrl-C/SIGTERM (``--no-run``: start only) and, with ``--state FILE``, records it so that
+    ``run --state FILE`` runs the app against it and ``down --state FILE`` stops it.
     """
     import argparse
 
     from flwr.common.config import parse_config_args
 
     ap = argparse.ArgumentParser(prog="python -m specfed_flwr.launch", description=main.__doc__)
-    ap.add_argument("engine", choices=["simulation", "deployment"])
+    ap.add_argument("engine", choices=["simulation", "deployment", "run", "down"])
     ap.add_argument("--app", type=Path, default=Path("."), help="Flower app dir (default: .)")
     ap.add_argument("-n", "--num-supernodes", type=int, default=2)
     ap.add_argument("--log-dir", type=Path, default=None,
@@ -1063,30 +1213,74 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-c", "--run-config", action="append", default=[],
                     help="'k1=v1 k2=\"s\"' (TOML values), repeatable")
     ap.add_argument("--client-cpus", type=int, default=1, help="simulation: CPUs per virtual SuperNode")
+    ap.add_argument("--workers", action="store_true",
+                    help="deployment: one `specfed-flwr draft-worker` per SuperNode (worker-address in node_config)")
+    ap.add_argument("--worker-draft", default=None, help="draft model each worker preloads (e.g. default, tiny:1)")
+    ap.add_argument("--worker-quantization", default="int8")
+    ap.add_argument("--node-config", action="append", default=[],
+                    help="extra node_config for every SuperNode, 'k=v ...' (TOML values), repeatable")
     ap.add_argument("--timeout", type=float, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the stack running after the run")
+    ap.add_argument("--no-run", action="store_true", help="start the stack only (implies --keep)")
+    ap.add_argument("--state", type=Path, default=None,
+                    help="state file of a kept stack: written by --keep, read by run/down")
     args = ap.parse_args(argv)
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="specfed-flwr-logs-"))
     run_config = parse_config_args(args.run_config) if args.run_config else None
+
+    if args.engine == "down":
+        if args.state is None or not args.state.exists():
+            print(f"[specfed_flwr.launch] no state file {args.state}: nothing to stop", flush=True)
+            return 0
+        killed = stop_from_state(args.state)
+        print(f"[specfed_flwr.launch] stack stopped" + (f" (SIGKILLed {killed})" if killed else ""), flush=True)
+        return 0
+    if args.engine == "run":
+        if args.state is None:
+            ap.error("run needs --state FILE (from `deployment --keep --state FILE`)")
+        stack = attach_stack(args.state)
+        return flwr_run(stack, args.app, run_config, stream=True, timeout=args.timeout)
+
+    keep = args.keep or args.no_run
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="specfed-flwr-logs-"))
     if args.engine == "simulation":
         backend = {"client_resources": {"num_cpus": args.client_cpus, "num_gpus": 0.0}}
         stack = start_simulation_stack(args.num_supernodes, log_dir=log_dir, backend=backend)
     else:
-        stack = start_deployment_stack(args.num_supernodes, log_dir=log_dir)
+        extra = parse_config_args(args.node_config) if args.node_config else {}
+        configs = [{"partition-id": i, "num-partitions": args.num_supernodes, **extra}
+                   for i in range(args.num_supernodes)]
+        stack = start_deployment_stack(args.num_supernodes, log_dir=log_dir, node_configs=configs,
+                                       draft_workers=args.workers, worker_draft=args.worker_draft,
+                                       worker_quantization=args.worker_quantization)
+    rc = 0
     with stack:
         print(f"[specfed_flwr.launch] {stack.kind} SuperLink at {stack.superlink_address}, "
-              f"connection '{stack.federation}', logs in {stack.log_dir}", flush=True)
-        rc = flwr_run(stack, args.app, run_config, stream=True, timeout=args.timeout)
-        if args.keep:
-            print(f"[specfed_flwr.launch] stack kept up; in a shell:\n  {stack.shell_env()}\n"
+              f"connection '{stack.federation}', logs in {stack.log_dir}"
+              + (f", draft workers at {', '.join(stack.worker_addresses)}" if stack.worker_addresses else ""),
+              flush=True)
+        if args.state is not None:
+            _write_state(stack, args.state)
+        if not args.no_run:
+            rc = flwr_run(stack, args.app, run_config, stream=True, timeout=args.timeout)
+        if keep:
+            print(f"[specfed_flwr.launch] stack kept up (launcher pid {os.getpid()}); in a shell:\n"
+                  f"  {stack.shell_env()}\n"
                   f"  flwr run {Path(args.app).resolve()} {stack.federation} --stream\n"
-                  "Ctrl-C to stop.", flush=True)
+                  + (f"  python -m specfed_flwr.launch run --state {args.state}\n"
+                     f"  python -m specfed_flwr.launch down --state {args.state}\n" if args.state else "")
+                  + "Ctrl-C (or SIGTERM) to stop.", flush=True)
             try:
                 while True:
-                    stack.check_alive()
+                    stack.check_alive(["superlink"])
                     time.sleep(1.0)
             except KeyboardInterrupt:
                 pass
+    if args.state is not None and args.state.exists():
+        try:
+            if json.loads(args.state.read_text()).get("launcher_pid") == os.getpid():
+                args.state.unlink()
+        except (OSError, ValueError):
+            pass
     return rc
 
 

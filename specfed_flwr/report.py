@@ -45,4 +45,17 @@ def summary_table(summary: dict[str, Any]) -> str:
     excluded = summary.get("excluded") or {}
     for name, reason in excluded.items():
         lines.append(f"  {name}: refused at handshake: {reason}")
+    faults = summary.get("faults") or {}
+    if faults:
+        lines.append("faults per client (kind x count):")
+        for name, kinds in faults.items():
+            lines.append(f"  {name}: " + ", ".join(f"{k} x{n}" for k, n in kinds.items()))
+    hit = {k: v for k, v in (summary.get("limits") or {}).items() if v.get("hits")}
+    if hit:
+        lines.append("limits hit:")
+        for name, info in hit.items():
+            lines.append(f"  {name.replace('_', '-')}={info['value']}: {info['hits']} ({info['meaning']})")
+    refused = summary.get("refused_prompts") or {}
+    for index, reason in refused.items():
+        lines.append(f"  prompt {index} refused: {reason}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import threading
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from typing import Any, Mapping
 
@@ -73,7 +74,12 @@ def serve_worker(address: str, *, key: bytes = DEFAULT_AUTHKEY, runtime: DeviceR
         while stop is None or not stop.is_set():
             try:
                 conn = listener.accept()
-            except OSError:
+            except (EOFError, ConnectionError, AuthenticationError) as exc:
+                # a port probe, a client that went away mid-handshake or a wrong authkey:
+                # refuse that connection, keep serving
+                log.warning("draft worker: refused a connection (%s)", type(exc).__name__)
+                continue
+            except OSError:  # the listener was closed
                 break
             with conn:
                 try:
@@ -92,6 +98,11 @@ def serve_worker(address: str, *, key: bytes = DEFAULT_AUTHKEY, runtime: DeviceR
 def call_worker(address: str, request: tuple, *, key: bytes = DEFAULT_AUTHKEY, timeout: float = 300.0) -> Any:
     try:
         conn = Client(parse_address(address), authkey=key)
+    except AuthenticationError:
+        raise WorkerUnavailable(
+            f"the draft worker at {address} refused this ClientApp's authkey: give the worker and the "
+            f"SuperNode the same key (worker --authkey / $SPECFED_WORKER_AUTHKEY, node_config worker-authkey)"
+        ) from None
     except (OSError, EOFError) as exc:
         raise WorkerUnavailable(
             f"no draft worker at {address} ({exc}); start one on this device with "

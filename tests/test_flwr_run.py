@@ -41,28 +41,28 @@ def stack(tmp_path_factory):
         assert not alive, f"processes left behind: {alive}"
 
 
-def _oracle() -> list[list[int]]:
+def _oracle(new_tokens: int) -> list[list[int]]:
     target = load_target_spec("tiny:0", "cpu").model
     out = []
     for p in PROMPTS:
         x = torch.tensor([p])
-        out.append(target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
+        out.append(target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
                                    pad_token_id=0, eos_token_id=None)[0, len(p):].tolist())
     return out
 
 
-def _base_config(tmp_path: Path) -> dict:
+def _base_config(tmp_path: Path, new_tokens: int = NEW_TOKENS) -> dict:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
     return {
         "target": "tiny:0", "draft": "tiny:1", "draft-quantization": "none", "device": "cpu",
         "chat-template": False, "prompts": str(prompts), "results": str(tmp_path / "out.jsonl"),
-        "max-new-tokens": NEW_TOKENS, "round-timeout": 60.0,
+        "max-new-tokens": new_tokens, "round-timeout": 60.0,
     }
 
 
 def test_run_config_overrides_take_effect(stack, tmp_path):
-    cfg = _base_config(tmp_path)
+    cfg = {**_base_config(tmp_path, 12), "draft": "tiny:0"}  # the target's twin: drafts are accepted
     overrides = {"top-k": 2, "draft-length": 3, "reconstruction": "uniform", "mode": "per-device",
                  "max-active-sequences": 2}
     rc = flwr_run(stack, ROOT, {**cfg, **overrides}, stream=False, timeout=300)
@@ -79,7 +79,7 @@ def test_run_config_overrides_take_effect(stack, tmp_path):
     assert any(r["metrics"]["drafted"] > 2 * r["metrics"]["rounds"] for r in records)
     # per-device mode: every sequence has an owning device
     assert all(r["owner"] for r in records)
-    assert {r["index"]: r["token_ids"] for r in records} == dict(enumerate(_oracle()))
+    assert {r["index"]: r["token_ids"] for r in records} == dict(enumerate(_oracle(12)))
 
 
 @pytest.mark.parametrize(

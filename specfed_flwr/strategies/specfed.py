@@ -198,9 +198,14 @@ class SpecFedStrategy(Strategy):
                                         float(info.get("rtt-ms", cfg.rtt_ms)))
 
         items = self._prompt_items(prompts, indices, infos)
+        refused: dict[int, str] = {}
         for index, prompt, owner in items:
-            ids = encode_prompt(self.tokenizer, prompt, cfg.chat_template)
-            coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None)
+            try:
+                ids = encode_prompt(self.tokenizer, prompt, cfg.chat_template)
+                coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None)
+            except (ValueError, TypeError) as exc:  # one bad prompt must not end the run
+                refused[index] = str(exc)
+                log(WARNING, "prompt %d refused: %s", index, exc)
         log(INFO, "%d sequence(s) queued, %d active at most; %d node(s) drafting", len(items), cfg.max_active_sequences, len(infos))
 
         clients = list(infos)
@@ -240,12 +245,13 @@ class SpecFedStrategy(Strategy):
                     missed[name] = missed.get(name, 0) + 1
                     if missed[name] >= cfg.max_missed_rounds:
                         benched[name] = coordinator.round + cfg.rejoin_after_rounds
-                        log(WARNING, "node %s deselected after %d missed rounds; probing again at round %d",
-                            name, missed[name], benched[name])
+                        coordinator.note_event(name, f"deselected after {missed[name]} missed rounds in a row; "
+                                                     f"probing again at round {benched[name]}")
                         missed[name] = 0
                 else:
                     missed[name] = 0
-                    benched.pop(name, None)
+                    if benched.pop(name, None) is not None:
+                        coordinator.note_event(name, "rejoined: replied in time to the probe")
             log(INFO, "%s", report.line())
             decode_texts(self.tokenizer, report.finished)
             for seq in report.finished:
@@ -257,6 +263,9 @@ class SpecFedStrategy(Strategy):
         results = sorted(coordinator.finished, key=lambda r: r.index)
         summary = coordinator.summary(wall)
         summary["excluded"] = excluded
+        for name, reason in excluded.items():
+            summary["faults"].setdefault(name, {})["handshake-refused"] = 1
+        summary["refused_prompts"] = refused
         summary["draft_loads"] = {
             n: max(int(info.get("draft_loads") or 0), int(last_metrics.get(n, {}).get("draft_loads", 0)))
             for n, info in infos.items()
@@ -284,7 +293,8 @@ class SpecFedStrategy(Strategy):
                 continue
             try:
                 if message.has_error():
-                    raise ValueError(f"error reply from the device: {message.error.reason}")
+                    faults[name] = f"error reply from the device: {_short_reason(message.error.reason)}"
+                    continue
                 arrays, m = reply_arrays(message.content)
                 replies[name] = decode_reply(
                     arrays, vocab_size=self.target.vocab_size, max_k=cfg.max_k, max_gamma=cfg.max_gamma,
@@ -294,7 +304,7 @@ class SpecFedStrategy(Strategy):
             except WireFormatError as exc:
                 faults[name] = str(exc)
             except Exception as exc:  # anything a device sends must not end the run
-                faults[name] = f"{type(exc).__name__}: {exc}"
+                faults[name] = _short_reason(f"{type(exc).__name__}: {exc}")
         return replies, metrics, faults
 
     def _prompt_items(self, prompts, indices, infos) -> list[tuple[int, Any, str | None]]:
@@ -313,3 +323,16 @@ class SpecFedStrategy(Strategy):
         for j, (i, p) in enumerate(zip(indices, prompts)):
             items.append((i, p, names[j % len(names)] if names else None))
         return items
+
+
+def _short_reason(reason: object, limit: int = 240) -> str:
+    """One line out of an error reply's reason (Flower puts whole remote tracebacks there):
+    the innermost exception's message when it can be found, cut to ``limit`` characters."""
+    text = str(reason)
+    marker = "Message: "
+    if marker in text:  # ClientAppException: "... occurred. Message: <the ClientApp's own error>"
+        text = text[text.rfind(marker) + len(marker):]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not set(ln.strip()) <= set("^~ ")]
+    text = lines[0] if lines else ""
+    text = text.rstrip("'>").strip()
+    return text[:limit] + ("..." if len(text) > limit else "")
