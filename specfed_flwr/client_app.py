@@ -20,9 +20,12 @@ import logging
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from .device import RUNTIME, node_settings
 from .records import config_record, reply_content, request_from_content
-from .worker import authkey, call_worker
+from .worker import authkey, call_worker, plain_config
+
+# ``.device`` (torch, transformers, the draft model) is imported only when this process drafts
+# itself: with a draft worker the ClientApp process stays thin (numpy + flwr), which matters on
+# the deployment engine where every message starts a new ClientApp process.
 
 app = ClientApp()
 log = logging.getLogger("specfed_flwr")
@@ -32,6 +35,8 @@ _warned = False
 def _warn_in_process_load() -> None:
     """A draft message that finds no model in this process had to load it: in the deployment
     engine (a new ClientApp process per message) that happens every round."""
+    from .device import RUNTIME
+
     global _warned
     if not _warned and not RUNTIME.load_counts:
         _warned = True
@@ -49,28 +54,31 @@ def _key(message: Message, context: Context) -> tuple[int, int]:
 
 @app.query("handshake")
 def handshake(message: Message, context: Context) -> Message:
-    server_cfg = dict(message.content.config_records["config"])
-    settings = node_settings(server_cfg, context.node_config)
+    server_cfg = plain_config(message.content.config_records["config"])
     address = context.node_config.get("worker-address")
     if address:
-        info = call_worker(str(address), ("handshake", _key(message, context), settings), key=authkey(context.node_config))
+        info = call_worker(str(address), ("handshake", _key(message, context), server_cfg,
+                                          plain_config(context.node_config)), key=authkey(context.node_config))
     else:
-        info = RUNTIME.handshake(_key(message, context), settings)
+        from .device import RUNTIME, node_settings
+
+        info = RUNTIME.handshake(_key(message, context), node_settings(server_cfg, context.node_config))
     return Message(RecordDict({"info": config_record(info)}), reply_to=message)
 
 
 @app.query("draft")
 def draft(message: Message, context: Context) -> Message:
     request, server_cfg = request_from_content(message.content)
-    settings = node_settings(server_cfg, context.node_config)
     address = context.node_config.get("worker-address")
     if address:
         reply, metrics = call_worker(
-            str(address), ("draft", _key(message, context), settings, request.arrays(), request.config()),
+            str(address), ("draft", _key(message, context), plain_config(server_cfg),
+                           plain_config(context.node_config), request.arrays(), request.config()),
             key=authkey(context.node_config),
         )
     else:
-        _warn_in_process_load()
-        reply, metrics = RUNTIME.draft(_key(message, context), settings, request)
-    return Message(reply_content(reply, metrics), reply_to=message)
+        from .device import RUNTIME, node_settings
 
+        _warn_in_process_load()
+        reply, metrics = RUNTIME.draft(_key(message, context), node_settings(server_cfg, context.node_config), request)
+    return Message(reply_content(reply, metrics), reply_to=message)

@@ -19,11 +19,10 @@ import signal
 import threading
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .device import RUNTIME, DeviceRuntime
-from .protocol import DraftRequest
-from .wire import reply_to_arrays
+if TYPE_CHECKING:  # the ClientApp imports this module: keep torch/transformers out of it
+    from .device import DeviceRuntime
 
 log = logging.getLogger("specfed_flwr")
 
@@ -47,24 +46,34 @@ def authkey(node_config: Mapping[str, Any]) -> bytes:
     return str(key).encode() if key else DEFAULT_AUTHKEY
 
 
-def _handle(runtime: DeviceRuntime, request: tuple) -> tuple[str, Any]:
+def _handle(runtime: "DeviceRuntime", request: tuple) -> tuple[str, Any]:
+    """One request of the ClientApp. ``handshake``/``draft`` carry the server's config record
+    and the SuperNode's node_config: the worker merges them (``device.node_settings``), so the
+    ClientApp process never imports the model code."""
+    from .device import node_settings
+    from .protocol import DraftRequest
+    from .wire import reply_to_arrays
+
     op = request[0]
     if op == "ping":
         return "ok", {"pid": os.getpid(), "draft_loads": int(sum(runtime.load_counts.values()))}
     if op == "handshake":
-        _, key, settings = request
-        return "ok", runtime.handshake(tuple(key), settings)
+        _, key, server_cfg, node_cfg = request
+        return "ok", runtime.handshake(tuple(key), node_settings(server_cfg, node_cfg))
     if op == "draft":
-        _, key, settings, arrays, config = request
-        reply, metrics = runtime.draft(tuple(key), settings, DraftRequest.from_parts(arrays, config))
+        _, key, server_cfg, node_cfg, arrays, config = request
+        reply, metrics = runtime.draft(tuple(key), node_settings(server_cfg, node_cfg),
+                                       DraftRequest.from_parts(arrays, config))
         return "ok", (reply_to_arrays(reply), metrics)
     return "error", f"unknown worker operation {op!r}"
 
 
-def serve_worker(address: str, *, key: bytes = DEFAULT_AUTHKEY, runtime: DeviceRuntime = RUNTIME,
+def serve_worker(address: str, *, key: bytes = DEFAULT_AUTHKEY, runtime: "DeviceRuntime | None" = None,
                  preload: tuple[str, str] | None = None, ready: threading.Event | None = None,
                  stop: threading.Event | None = None) -> None:
     """Serve ClientApp requests until ``stop`` is set or the process is terminated."""
+    if runtime is None:
+        from .device import RUNTIME as runtime
     if preload is not None:
         runtime.model(*preload)  # load before the first round, not during it
     with Listener(parse_address(address), authkey=key) as listener:
@@ -116,6 +125,11 @@ def call_worker(address: str, request: tuple, *, key: bytes = DEFAULT_AUTHKEY, t
     if status != "ok":
         raise RuntimeError(f"draft worker at {address}: {payload}")
     return payload
+
+
+def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A Flower ConfigRecord / node_config as a plain picklable dict."""
+    return {str(k): (list(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(config).items()}
 
 
 def run_worker_forever(address: str, key: bytes, preload: tuple[str, str] | None) -> int:
