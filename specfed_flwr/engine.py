@@ -146,6 +146,7 @@ class ClientStats:
     # what the server did about this client: deselected / rejoined / weight collapsed / restored
     events: list[str] = field(default_factory=list)
     fault_kinds: dict[str, int] = field(default_factory=dict)  # kind (see ``fault_kind``) -> count
+    resyncs: int = 0  # rounds the device answered without its draft state (whole sequences resent)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -159,6 +160,7 @@ class ClientStats:
             "faults": list(self.faults),
             "events": list(self.events),
             "fault_kinds": dict(self.fault_kinds),
+            "resyncs": self.resyncs,
         }
 
 
@@ -549,9 +551,18 @@ class Coordinator:
         valid_pos = torch.arange(g).unsqueeze(0) < path.lengths.unsqueeze(1)  # [B, G]
         alpha_bar = agreement(probs[:, :g], path.q_bar) if g else torch.zeros((b, 0))
         matched = prefix_match(client_tokens, client_lengths, path.tokens, path.lengths)
+        # greedy: a drafted token is accepted iff it is the target's argmax, so that indicator is
+        # the client's acceptance rate (sum min(p, q_hat) would judge a correct but flat draft
+        # as bad and a confident wrong one as fair)
+        target_top = logits[:, :g].argmax(dim=-1) if (cfg.greedy and g) else None
         for ci, client in enumerate(clients):
             mask = matched[:, ci, :]
-            values = agreement(probs[:, :g], client_q[:, ci])[mask] if g else torch.zeros(0)
+            if not g:
+                values = torch.zeros(0)
+            elif target_top is not None:
+                values = (client_tokens[:, ci] == target_top).float()[mask]
+            else:
+                values = agreement(probs[:, :g], client_q[:, ci])[mask]
             mass = np.concatenate(kept[client]) if kept[client] else np.zeros(0)
             self.weights.observe(client, values.numpy(), mass)
             if values.numel():

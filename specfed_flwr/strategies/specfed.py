@@ -239,6 +239,13 @@ class SpecFedStrategy(Strategy):
                         "whole sequences and reloading its draft each round; start `specfed-flwr draft-worker` "
                         "next to its SuperNode and set worker-address in its node_config", name)
                 pids[name] = pid if pid is not None else pids.get(name)
+            for name in replies:
+                if metrics.get(name, {}).get("state_lost"):
+                    # the device answered without the state our delta builds on: no drafts this
+                    # round (not a fault); resend whole sequences next round
+                    coordinator.forget_client_state(name)
+                    coordinator.client_stats[name].resyncs += 1
+                    log(INFO, "node %s lost its draft state (another process?): resending whole sequences", name)
             for name in requests:
                 if name in report.faults:
                     coordinator.forget_client_state(name)  # it may have lost or skipped state: resend whole
