@@ -7,7 +7,9 @@ Weighting rule (documented in docs/THEORY.md):
 * ``A_i``: exponential moving average of client i's measured agreement with the target,
   sum_x min(p(x), q_hat_i(x)), observed at every position it drafted and the server
   verified. This is the acceptance rate the client alone would get (alpha in the theory),
-  so it captures both the draft model's quality and what reconstruction lost.
+  so it captures both the draft model's quality and what reconstruction lost. In greedy mode
+  the engine observes the indicator "drafted token = target argmax" instead (the greedy
+  acceptance rate; reconstruction plays no part there).
 * ``S_i``: EMA of the kept mass of its top-K. 1 - S bounds the reconstruction's TV error,
   so a client whose q_hat is mostly inferred rather than sent is trusted less.
 * ``sharpness`` > 1 concentrates the weight on the best clients; a client that keeps

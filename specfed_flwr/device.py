@@ -13,9 +13,12 @@ import threading
 from collections import Counter
 from typing import Any, Mapping
 
+import numpy as np
+
 from .client_core import DraftClient
 from .protocol import DraftRequest
-from .proposer import HFDraftProposer
+from .proposer import DraftStateError, HFDraftProposer
+from .wire import make_reply, payload_bytes
 from .specs import LoadedModel, load_draft_spec
 
 log = logging.getLogger("specfed_flwr")
@@ -98,7 +101,24 @@ class DeviceRuntime:
         return info
 
     def draft(self, key: tuple[Any, ...], settings: Mapping[str, Any], request: DraftRequest):
-        reply, metrics = self.client(key, settings).handle(request)
+        try:
+            reply, metrics = self.client(key, settings).handle(request)
+        except DraftStateError as exc:
+            # This process does not hold the sequence state the server's delta builds on (in the
+            # simulation engine a virtual node can be served by another Ray actor process than
+            # last round). Drop whatever partial state this key has, draft nothing, and ask the
+            # server to resend whole sequences (``state_lost``): a round without drafts, not a fault.
+            log.info("draft state lost for %s (%s): asking for whole sequences", key, exc)
+            self.reset(key)
+            b = int(request.seq_ids.shape[0])
+            loaded = self.model(str(settings.get("draft", "default")), str(settings.get("draft-quantization", "int8")))
+            reply = make_reply(request.seq_ids, np.zeros(b, dtype=np.int64), np.zeros((b, 1, 1), dtype=np.int64),
+                               np.zeros((b, 1, 1), dtype=np.float32), loaded.vocab_size)
+            out = {"draft_seconds": 0.0, "positions": 0, "uplink_bytes": payload_bytes(reply),
+                   "downlink_bytes": request.nbytes(), "state_lost": 1}
+            out["draft_loads"] = int(sum(self.load_counts.values()))
+            out["pid"] = os.getpid()
+            return reply, out
         out = metrics.as_dict()
         out["draft_loads"] = int(sum(self.load_counts.values()))
         out["pid"] = os.getpid()
