@@ -1,0 +1,120 @@
+"""A fault-injecting ClientApp for tests and demos: the real handlers, broken on purpose.
+
+``make_fault_client_app({partition_id: kind, ...})`` wraps ``client_app.handshake`` and
+``client_app.draft``; the node whose ``partition-id`` (simulation node_config) maps to a kind
+misbehaves that way, every other node is honest:
+
+* ``crash``    raises from round ``crash_round`` on (Flower turns it into an error reply);
+* ``nan``      sends NaN probabilities (odd rounds) or out-of-range token ids (even rounds);
+* ``random``   sends well-formed but random, confident drafts (``adversarial.RandomDraftProposer``);
+* ``slow``     answers every draft request ``slow_seconds`` late (set it above the round deadline);
+* ``replay``   sends its first reply again every round (old sequence ids, old drafts);
+* ``mismatch`` loads ``mismatch_draft`` (e.g. another vocabulary size) for its handshake.
+
+It lives in the package (not in tests/) because the simulation engine pickles the ClientApp
+into Ray actor processes, which must be able to import what it refers to.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+FAULT_KINDS = ("crash", "nan", "random", "slow", "replay", "mismatch")
+
+
+def _partition(context: Context) -> int:
+    try:
+        return int(context.node_config.get("partition-id", -1))
+    except (TypeError, ValueError):
+        return -1
+
+
+def _with_arrays(reply: Message, arrays: Mapping[str, np.ndarray]) -> Message:
+    reply.content["draft"] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()})
+    return reply
+
+
+def make_fault_client_app(
+    faults: Mapping[int, str],
+    *,
+    crash_round: int = 3,
+    slow_seconds: float = 2.0,
+    vocab_size: int = 1024,
+    mismatch_draft: str = "tiny:0:512",
+    seed: int = 0,
+) -> ClientApp:
+    faults = {int(p): str(k) for p, k in faults.items()}
+    unknown = sorted(set(faults.values()) - set(FAULT_KINDS))
+    if unknown:
+        raise ValueError(f"unknown fault kinds {unknown}; choose from {FAULT_KINDS}")
+    app = ClientApp()
+    replayed: dict[tuple[int, int], RecordDict] = {}
+
+    @app.query("handshake")
+    def handshake(message: Message, context: Context) -> Message:
+        from . import client_app as real
+
+        if faults.get(_partition(context)) == "mismatch":
+            context.node_config["draft"] = mismatch_draft
+        reply = real.handshake(message, context)
+        if not reply.has_error():
+            reply.content.config_records["info"]["partition-id"] = _partition(context)  # for the tests' bookkeeping
+        return reply
+
+    @app.query("draft")
+    def draft(message: Message, context: Context) -> Message:
+        from . import client_app as real
+
+        kind = faults.get(_partition(context))
+        round_ = int(message.content.config_records["config"].get("round", 0))
+        if kind == "crash" and round_ >= crash_round:
+            raise RuntimeError(f"injected crash at round {round_}")
+        if kind == "slow":
+            time.sleep(slow_seconds)
+        if kind == "replay":
+            key = (int(message.metadata.run_id), int(context.node_id))
+            if key in replayed:
+                return Message(replayed[key], reply_to=message)
+            reply = real.draft(message, context)
+            replayed[key] = reply.content
+            return reply
+        reply = real.draft(message, context)
+        if kind not in ("nan", "random"):
+            return reply
+        arrays = {n: a.numpy().copy() for n, a in reply.content.array_records["draft"].items()}
+        ids, probs, lengths = arrays["token_ids"], arrays["probs"], arrays["lengths"]
+        if kind == "nan":
+            if not np.any(lengths > 0) or ids.ndim != 3 or ids.shape[1] == 0:
+                if lengths.size == 0:
+                    return reply
+                # nothing drafted this round: claim one position anyway, so the reply stays broken
+                b, k = lengths.shape[0], max(1, ids.shape[-1] if ids.ndim == 3 else 1)
+                ids = arrays["token_ids"] = np.zeros((b, 1, k), dtype=ids.dtype)
+                probs = arrays["probs"] = np.zeros((b, 1, k), dtype=probs.dtype)
+                lengths[0] = 1
+            row = int(np.argmax(lengths > 0))
+            if round_ % 2:
+                probs[row, 0, 0] = np.nan
+            else:
+                ids[row, 0, 0] = min(vocab_size + 7, int(np.iinfo(ids.dtype).max))
+            return _with_arrays(reply, arrays)
+        # random: a RandomDraftProposer's drafts in the real reply's shape (ids dtype kept)
+        from .adversarial import RandomDraftProposer
+
+        proposer = RandomDraftProposer(vocab_size, seed=seed * 100_003 + round_ * 1009 + _partition(context))
+        fake = proposer.propose(arrays["seq_ids"].tolist(), lengths.tolist(), ids.shape[-1] if ids.ndim == 3 else 1,
+                                temperature=0.0, sampling="sparse")
+        g = ids.shape[1]
+        out_ids = np.zeros_like(ids)
+        out_probs = np.zeros_like(probs)
+        out_ids[:, : fake.token_ids.shape[1]] = fake.token_ids[:, :g].astype(ids.dtype)
+        out_probs[:, : fake.probs.shape[1]] = fake.probs[:, :g]
+        arrays["token_ids"], arrays["probs"] = out_ids, out_probs
+        return _with_arrays(reply, arrays)
+
+    return app
