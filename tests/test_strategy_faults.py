@@ -162,3 +162,148 @@ def test_greedy_output_unchanged_by_garbage(target_model):
         assert seq.token_ids == expected
     # the garbage client's weight collapsed
     assert coordinator.weights.raw_weight("1") < coordinator.weights.raw_weight("never-seen")
+
+
+# ---- the whole server loop: SpecFedStrategy.generate over a scripted grid ---------------------
+
+@st.composite
+def bad_values(draw):
+    """Right dtypes and shapes, wrong values: lengths, ids, probabilities, sequence ids."""
+    b, g, k = 2, draw(st.integers(0, 9)), draw(st.integers(1, 20))
+    arrays = {
+        "seq_ids": draw(hnp.arrays(np.int64, (b,), elements=st.sampled_from([1, 2, 3, 0, -1, 99, 2**62]))),
+        "lengths": draw(hnp.arrays(np.int32, (b,), elements=st.integers(-3, 12))),
+        "token_ids": draw(hnp.arrays(np.uint16, (b, g, k))),
+        "probs": draw(hnp.arrays(np.float16, (b, g, k), elements=st.floats(width=16, allow_nan=True, allow_infinity=True))),
+    }
+    return FakeReply(RecordDict({"draft": ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()})}))
+
+
+wild_metrics = st.dictionaries(
+    st.sampled_from(["draft_seconds", "pid", "state_lost", "draft_loads", "positions", "junk"]),
+    st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**62), 2**62)),
+    max_size=4,
+)
+
+bad_handshake = st.one_of(
+    st.just(None),  # no reply
+    st.just("error"),
+    st.just({}),  # no info record
+    st.fixed_dictionaries({}, optional={
+        "vocab_size": st.one_of(st.integers(-5, 70), st.text(max_size=3), st.floats(allow_nan=True)),
+        "vocab_sha256": st.text(max_size=5),
+        "max-k": st.one_of(st.integers(-3, 100), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3)),
+        "uplink-mbps": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-1, 5), st.text(max_size=3)),
+        "rtt-ms": st.one_of(st.floats(allow_nan=True), st.integers(-10, 10)),
+        "prompts": st.one_of(st.lists(st.text(max_size=4), max_size=2), st.lists(st.integers(), max_size=2)),
+        "pid": st.integers(0, 10),
+    }),
+)
+
+
+class ScriptedGrid:
+    """A Grid that answers synchronously: node 1 honestly shaped random drafts, node 2 what the test says."""
+
+    def __init__(self, handshake_of_2, replies_of_2, rng):
+        self.handshake_of_2 = handshake_of_2
+        self.replies_of_2 = list(replies_of_2)
+        self.rng = rng
+        self.inbox: list = []
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def _answer(self, node, message):
+        from flwr.app import ConfigRecord, Error, Message
+
+        if message.metadata.message_type == "query.handshake":
+            if node == 1:
+                return Message(RecordDict({"info": ConfigRecord({"vocab_size": VOCAB, "pid": 1})}), reply_to=message)
+            info = self.handshake_of_2
+            if info is None:
+                return None
+            if info == "error":
+                return Message(Error(code=0, reason="handshake exploded"), reply_to=message)
+            if not info:
+                return Message(RecordDict({}), reply_to=message)
+            clean = {k: v for k, v in info.items() if not (isinstance(v, list) and not v)}
+            return Message(RecordDict({"info": ConfigRecord(clean)}), reply_to=message)
+        if node == 2:
+            if not self.replies_of_2:
+                return None
+            bad, metrics = self.replies_of_2.pop(0)
+            if bad.has_error():
+                return Message(Error(code=1, reason=bad.error.reason), reply_to=message)
+            content = bad.content
+            if metrics:
+                content["metrics"] = MetricRecord(metrics)
+            return Message(content, reply_to=message)
+        req = {n: a.numpy() for n, a in message.content.array_records["request"].items()}
+        k = int(message.content.config_records["config"]["k"])
+        arrays = _valid_arrays(req["seq_ids"].tolist(), max(1, int(req["gammas"].max(initial=0))), k)
+        arrays["lengths"] = req["gammas"].astype(np.int32)
+        for i in range(arrays["token_ids"].shape[0]):
+            for j in range(arrays["token_ids"].shape[1]):
+                arrays["token_ids"][i, j] = self.rng.choice(VOCAB, k, replace=False)
+        return Message(RecordDict({"draft": ArrayRecord({n: Array(a) for n, a in arrays.items()})}), reply_to=message)
+
+    def push_messages(self, messages):
+        import uuid
+
+        ids = []
+        for m in messages:
+            mid = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            out = self._answer(int(m.metadata.dst_node_id), m)
+            if out is not None:
+                self.inbox.append(out)
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted = set(message_ids)
+        out = [m for m in self.inbox if m.metadata.reply_to_message_id in wanted]
+        self.inbox = [m for m in self.inbox if m.metadata.reply_to_message_id not in wanted]
+        return out
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Messages built outside a running Flower app need a run id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 7, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    handshake=bad_handshake,
+    replies=st.lists(st.tuples(st.one_of(malformed_content(), bad_values()), wild_metrics), min_size=1, max_size=8),
+    adaptive=st.booleans(),
+)
+def test_generate_survives_any_reply(target_model, flower_task_identity, handshake, replies, adaptive):
+    """The whole server loop (handshake, rounds, validation, verification) with node 2 sending
+    junk: it never raises, the output is the target's greedy continuation, and node 2 is either
+    refused at the handshake or has its bad replies counted as faults."""
+    cfg = SpecFedConfig(top_k=8, draft_length=4, max_k=16, max_gamma=8, max_new_tokens=6, max_reply_bytes=4096,
+                        max_active_sequences=4, round_timeout=0.02, handshake_timeout=0.02, node_wait_timeout=0.02,
+                        adaptive=adaptive, max_missed_rounds=2, rejoin_after_rounds=2)
+    strategy = SpecFedStrategy(TargetVerifier(target_model), cfg)
+    grid = ScriptedGrid(handshake, replies, np.random.default_rng(0))
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    result = strategy.generate(grid, prompts)
+    for seq, prompt in zip(result.sequences, prompts):
+        x = torch.tensor([prompt])
+        expected = target_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                                         pad_token_id=0, eos_token_id=None)[0, x.shape[1]:].tolist()
+        assert seq.token_ids == expected
+    assert [s.index for s in result.sequences] == [0, 1, 2]
+    assert "1" in result.nodes
+    if "2" in result.excluded:
+        assert result.summary["faults"]["2"] == {"handshake-refused": 1}
+    else:
+        stats = result.summary["clients"].get("2")
+        assert stats is None or stats["rounds_asked"] >= stats["rounds_replied"]

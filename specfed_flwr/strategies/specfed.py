@@ -137,7 +137,8 @@ class SpecFedStrategy(Strategy):
     def handshake(self, grid: Grid, nodes: Sequence[int]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         content = {n: RecordDict({"config": config_record(self._server_settings())}) for n in nodes}
         messages = {
-            str(n): Message(content[n], dst_node_id=n, message_type=HANDSHAKE_MESSAGE, group_id="handshake")
+            str(n): Message(content[n], dst_node_id=n, message_type=HANDSHAKE_MESSAGE, group_id="handshake",
+                            ttl=float(self.config.handshake_timeout))
             for n in nodes
         }
         replies, _ = self._exchange(grid, messages, self.config.handshake_timeout)
@@ -148,12 +149,16 @@ class SpecFedStrategy(Strategy):
             if reply is None:
                 excluded[name] = "no handshake reply before the deadline"
             elif reply.has_error():
-                excluded[name] = f"handshake failed on the device: {reply.error.reason}"
-            elif "info" not in reply.content.config_records:
-                excluded[name] = "handshake reply has no 'info' record"
+                excluded[name] = f"handshake failed on the device: {_short_reason(reply.error.reason)}"
             else:
-                info = dict(reply.content.config_records["info"])
-                problem = self._check_identity(info)
+                try:
+                    if "info" not in reply.content.config_records:
+                        problem, info = "handshake reply has no 'info' record", {}
+                    else:
+                        info = dict(reply.content.config_records["info"])
+                        problem = self._check_identity(info)
+                except Exception as exc:  # whatever a device sends must not end the run
+                    problem, info = _short_reason(f"handshake reply could not be read ({type(exc).__name__}: {exc})"), {}
                 if problem:
                     excluded[name] = problem
                 else:
@@ -163,6 +168,9 @@ class SpecFedStrategy(Strategy):
         return accepted, excluded
 
     def _check_identity(self, info: dict[str, Any]) -> str | None:
+        problem = self._check_settings(info)
+        if problem:
+            return problem
         vocab = info.get("vocab_size")
         if vocab != self.target.vocab_size:
             return (
@@ -172,6 +180,29 @@ class SpecFedStrategy(Strategy):
         theirs, ours = str(info.get("vocab_sha256", "")), str(self.fingerprint.get("vocab_sha256", ""))
         if theirs and ours and theirs != ours:
             return f"tokenizer mismatch: vocabulary hash {theirs[:12]}... differs from the target's {ours[:12]}..."
+        return None
+
+    @staticmethod
+    def _check_settings(info: dict[str, Any]) -> str | None:
+        """The node's own settings in its handshake must be usable (a bad one refuses the node)."""
+        def number(key: str, minimum: float, integer: bool) -> str | None:
+            if key not in info:
+                return None
+            value = info[key]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+            ok = ok and value >= minimum and value != float("inf") and (not integer or float(value).is_integer())
+            if not ok:
+                kind = "an integer" if integer else "a number"
+                return f"handshake setting '{key}' must be {kind} >= {minimum:g}, got {value!r}"
+            return None
+
+        for key, minimum, integer in (("max-k", 1, True), ("uplink-mbps", 1e-9, False), ("rtt-ms", 0, False)):
+            problem = number(key, minimum, integer)
+            if problem:
+                return problem
+        prompts = info.get("prompts")
+        if prompts is not None and not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
+            return "handshake setting 'prompts' must be a list of strings"
         return None
 
     # ---- the decoding loop ---------------------------------------------------------------------
@@ -221,8 +252,10 @@ class SpecFedStrategy(Strategy):
                 coordinator.forget_client_state(name)  # it keeps nothing between messages
             requests = coordinator.plan_round(selected)
             messages = {
+                # ttl = the round deadline: a device that is late does not work through stale
+                # rounds (the SuperLink drops the expired request and any late reply)
                 name: Message(request_content(req, extra), dst_node_id=int(name), message_type=DRAFT_MESSAGE,
-                              group_id=str(coordinator.round))
+                              group_id=str(coordinator.round), ttl=float(cfg.round_timeout))
                 for name, req in requests.items()
             }
             raw, exchange_seconds = self._exchange(grid, messages, cfg.round_timeout)
