@@ -268,9 +268,15 @@ class SpecFedStrategy(Strategy):
                 pid = metrics.get(name, {}).get("pid")
                 if pid is not None and pids.get(name) is not None and pid != pids[name] and name not in ephemeral:
                     ephemeral.add(name)
-                    log(WARNING, "node %s answers from a new process every message (no draft worker?): sending "
-                        "whole sequences and reloading its draft each round; start `specfed-flwr draft-worker` "
-                        "next to its SuperNode and set worker-address in its node_config", name)
+                    if type(grid).__name__ == "InMemoryGrid":
+                        # simulation engine: a virtual node's messages go to whichever Ray actor is free
+                        log(WARNING, "node %s answers from several simulation actors: sending whole sequences "
+                            "from now on (each actor keeps its own draft copy); give the ClientApp all CPUs "
+                            "(client_resources num_cpus) for one warm actor", name)
+                    else:
+                        log(WARNING, "node %s answers from a new process every message (no draft worker?): "
+                            "sending whole sequences and reloading its draft each round; start `specfed-flwr "
+                            "draft-worker` next to its SuperNode and set worker-address in its node_config", name)
                 pids[name] = pid if pid is not None else pids.get(name)
             for name in replies:
                 if metrics.get(name, {}).get("state_lost"):
