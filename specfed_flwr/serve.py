@@ -33,6 +33,12 @@ def serve(
     todo = [(i, p) for i, p in enumerate(prompt_list) if not writer.is_done(i, p)]
     if len(todo) < len(prompt_list):
         log(INFO, "resuming: %d of %d prompts already in %s", len(prompt_list) - len(todo), len(prompt_list), cfg.results)
+    if not todo and cfg.mode == "collaborative":
+        # nothing left to generate: load nothing, keep the previous summary file
+        log(INFO, "all %d prompts are already in %s: nothing to generate (set resume=false, or another "
+            "results path, to generate again)", len(prompt_list), Path(cfg.results).resolve())
+        return SpecFedResult(sequences=[], summary={"sequences": 0, "already_done": len(prompt_list)},
+                             rounds=[], nodes={}, excluded={})
     started = time.perf_counter()
     loaded = load_target_spec(cfg.target, cfg.device)
     verifier = TargetVerifier(loaded.model)
