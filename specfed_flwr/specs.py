@@ -12,6 +12,10 @@ from typing import Any
 
 import torch
 
+from .models import resolve_device, tiny_llama
+
+__all__ = ["LoadedModel", "load_draft_spec", "load_target_spec", "tiny_llama"]
+
 
 @dataclass
 class LoadedModel:
@@ -20,26 +24,6 @@ class LoadedModel:
     identity: str
     load_seconds: float
     vocab_size: int
-
-
-def tiny_llama(seed: int = 0, vocab_size: int = 1024, hidden_size: int = 64, num_layers: int = 2,
-               num_heads: int = 4) -> torch.nn.Module:
-    """A random fp32 Llama, deterministic from ``seed``: builds in milliseconds, for tests and CI."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-                         max_position_embeddings=2048, tie_word_embeddings=False)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    model.generation_config.bos_token_id = None
-    return model.to(torch.float32).eval()
 
 
 def _tiny(spec: str) -> LoadedModel:
@@ -57,8 +41,7 @@ def _tiny(spec: str) -> LoadedModel:
 def load_target_spec(spec: str, device: str = "auto") -> LoadedModel:
     if spec.startswith("tiny"):
         loaded = _tiny(spec)
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        loaded.model.to(torch.device(auto if device == "auto" else device))
+        loaded.model.to(resolve_device(device))
         return loaded
     from .models import load_target
 
