@@ -37,16 +37,6 @@ def run_config_overrides(cfg: SpecFedConfig, overrides: Mapping[str, Any]) -> di
     return out
 
 
-def single_actor_backend() -> dict[str, Any]:
-    """One ClientApp actor holding every CPU: all virtual SuperNodes draft in one process, so the
-    draft model is loaded once and each node's KV caches stay warm between rounds (with several
-    actors a node's messages land on whichever actor is free and its caches are elsewhere)."""
-    import os
-
-    cpus = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-    return {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}, "init_args": {"num_cpus": cpus}}
-
-
 def simulate(
     cfg: SpecFedConfig,
     overrides: Mapping[str, Any],
@@ -68,14 +58,14 @@ def simulate(
             server_app=make_server_app(run_config),
             client_app=client_app,
             num_supernodes=num_supernodes,
-            backend_config=single_actor_backend(),
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
         return 0
     from .launch import flwr_run, start_simulation_stack
 
     logs = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="specfed-flwr-"))
     print(f"starting a SuperLink (simulation, {num_supernodes} SuperNodes); logs in {logs}", flush=True)
-    with start_simulation_stack(num_supernodes, log_dir=logs, backend=single_actor_backend()) as stack:
+    with start_simulation_stack(num_supernodes, log_dir=logs) as stack:
         code = flwr_run(stack, _app_dir(app_dir), run_config, stream=True)
         last = stack.last_run
     if code == 0:
