@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.specfed-installed
 
-.PHONY: setup run test test-fast bench bench-quick clean
+.PHONY: setup run test test-fast bench bench-quick clean deploy deploy-up deploy-run deploy-down
 
 setup: $(STAMP)
 
@@ -35,6 +35,41 @@ bench-quick: setup
 
 bench: setup
 	$(VENV)/bin/specfed-flwr bench
+
+# ---- deployment engine on this machine (loopback): SuperLink + N SuperNodes + N draft workers ----
+#   make deploy N=2                      start, run the app once with `flwr run`, stop everything
+#   make deploy-up N=2                   start and keep running (state in $(DEPLOY_DIR)/state.json)
+#   make deploy-run RUN_CONFIG='max-new-tokens=32'   run the app against it (repeatable)
+#   make deploy-down                     stop every process deploy-up started (by PID)
+# See docs/DEPLOYMENT.md (real devices: TLS, node authentication, remote SuperLink).
+N            ?= 2
+DEPLOY_DIR   ?= $(CURDIR)/.deploy
+WORKER_DRAFT ?= default
+WORKER_QUANT ?= int8
+RUN_CONFIG   ?=
+DEPLOY_RESULTS ?= $(CURDIR)/results/deploy_results.jsonl
+LAUNCH        = $(PY) -m specfed_flwr.launch
+DEPLOY_STACK  = -n $(N) --workers --worker-draft '$(WORKER_DRAFT)' --worker-quantization '$(WORKER_QUANT)'
+DEPLOY_CONFIG = -c 'results="$(DEPLOY_RESULTS)"' $(if $(RUN_CONFIG),-c '$(RUN_CONFIG)')
+
+deploy: setup
+	$(LAUNCH) deployment $(DEPLOY_STACK) --app . --log-dir $(DEPLOY_DIR)/logs $(DEPLOY_CONFIG)
+
+deploy-up: setup
+	@mkdir -p $(DEPLOY_DIR)
+	@if [ -f $(DEPLOY_DIR)/state.json ]; then echo "already up ($(DEPLOY_DIR)/state.json); make deploy-down first"; exit 1; fi
+	setsid nohup $(LAUNCH) deployment $(DEPLOY_STACK) --no-run --state $(DEPLOY_DIR)/state.json \
+		--log-dir $(DEPLOY_DIR)/logs > $(DEPLOY_DIR)/launcher.log 2>&1 < /dev/null &
+	@for i in $$(seq 1 300); do \
+		if [ -f $(DEPLOY_DIR)/state.json ]; then cat $(DEPLOY_DIR)/launcher.log; exit 0; fi; \
+		if grep -q "Error\|Traceback" $(DEPLOY_DIR)/launcher.log 2>/dev/null; then cat $(DEPLOY_DIR)/launcher.log; exit 1; fi; \
+		sleep 1; done; echo "timeout; see $(DEPLOY_DIR)/launcher.log"; exit 1
+
+deploy-run: setup
+	$(LAUNCH) run --state $(DEPLOY_DIR)/state.json --app . $(DEPLOY_CONFIG)
+
+deploy-down:
+	$(LAUNCH) down --state $(DEPLOY_DIR)/state.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
