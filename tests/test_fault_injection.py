@@ -23,7 +23,7 @@ pytestmark = pytest.mark.flower
 
 VOCAB = 1024
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "include_dashboard": False}}
-ROUND_TIMEOUT = 1.5
+ROUND_TIMEOUT = 1.0
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -90,20 +90,22 @@ def test_four_faulty_clients_run_finishes_with_target_output(tmp_path):
     assert summary_faults[node[3]].get("deadline", 0) >= 2
     assert summary_faults[node[3]].get("deselected", 0) >= 1
     assert any(f"{ROUND_TIMEOUT:g} s round deadline" in f for f in clients[node[3]]["faults"])
-    # the slow node did not hold every round up: most rounds ended well before the deadline
-    fast_rounds = [r for r in result.rounds if node[3] not in r.faults]
-    assert fast_rounds
+    # the slow node does not hold the others up for long: deselected, probed with a growing
+    # interval, so most rounds end well before the deadline
+    waited = [r for r in result.rounds if node[3] in r.faults]
+    assert len(waited) <= max(3, len(result.rounds) // 2), [r.round for r in waited]
+    assert clients[node[3]]["rounds_asked"] == len(waited)
 
 
 def test_tokenizer_mismatch_is_refused_at_the_handshake(tmp_path):
     prompts = _prompts(3, seed=5)
-    result, _ = _run(tmp_path, {1: "mismatch"}, prompts, num_supernodes=3)  # partitions 0 and 2 honest
+    result, _ = _run(tmp_path, {1: "mismatch"}, prompts, num_supernodes=2)  # partition 0 honest
     assert result.token_ids == _oracle(prompts, 10)
     assert len(result.excluded) == 1
     (name, reason), = result.excluded.items()
     assert "tokenizer mismatch" in reason and "512" in reason and "1024" in reason
-    assert name not in result.nodes and len(result.nodes) == 2
+    assert name not in result.nodes and len(result.nodes) == 1
     assert result.summary["faults"][name] == {"handshake-refused": 1}
-    assert result.summary["accepted"] > 0  # the two honest nodes drafted
+    assert result.summary["accepted"] > 0  # the honest node drafted
     # the refused node was never asked to draft
     assert name not in result.summary["clients"]

@@ -307,3 +307,65 @@ def test_generate_survives_any_reply(target_model, flower_task_identity, handsha
     else:
         stats = result.summary["clients"].get("2")
         assert stats is None or stats["rounds_asked"] >= stats["rounds_replied"]
+
+
+# ---- limits: enforced, counted in the summary, logged once ------------------------------------
+
+def _reply(arrays):
+    return FakeReply(RecordDict({"draft": ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()})}))
+
+
+def test_reply_limits_are_enforced_and_reported(target_model, caplog):
+    strategy, coordinator = _strategy_and_coordinator(target_model)  # max_k 16, max_gamma 8, 4096 bytes
+    cases = {
+        "max_k": _valid_arrays([1, 2], 4, 32),
+        "max_gamma": _valid_arrays([1, 2], 12, 8),
+        "max_reply_bytes": _valid_arrays([1, 2], 8, 16) | {"token_ids": np.zeros((2, 8, 16), np.uint16),
+                                                           "probs": np.zeros((2, 8, 16), np.float16)},
+    }
+    cases["max_reply_bytes"]["seq_ids"] = np.arange(1, 3, dtype=np.int64)
+    big = {n: np.concatenate([a] * 40) if a.ndim else a for n, a in cases["max_reply_bytes"].items()}
+    big["seq_ids"] = np.arange(1, 81, dtype=np.int64)
+    cases["max_reply_bytes"] = big
+    with caplog.at_level("INFO", logger="specfed_flwr"):
+        for _ in range(2):  # twice: counted twice, logged once
+            for limit, arrays in cases.items():
+                requests = coordinator.plan_round(["1"])
+                replies, metrics, faults = strategy.decode_replies(requests, {"1": _reply(arrays)})
+                report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults)
+                assert "1" in report.faults, limit
+    limits = coordinator.summary(1.0)["limits"]
+    for limit in cases:
+        assert limits[limit]["hits"] == 2, (limit, limits[limit])
+        assert limits[limit]["value"] == getattr(coordinator.config, limit)
+        logged = [r for r in caplog.records if f"limit {limit.replace('_', '-')}=" in r.getMessage()]
+        assert len(logged) == 1, (limit, [r.getMessage() for r in logged])
+    kinds = coordinator.summary(1.0)["faults"]["1"]
+    assert kinds["limit:max-k"] == kinds["limit:max-gamma"] == kinds["limit:max-reply-bytes"] == 2
+
+
+def test_workload_limits_are_enforced_and_reported(target_model, flower_task_identity, caplog):
+    """max-active-sequences caps the batch, max-new-tokens the output, max-prompt-tokens refuses
+    a prompt (reported, the run goes on); a node asking for K above max-k gets max-k."""
+    cfg = SpecFedConfig(top_k=8, draft_length=4, max_k=8, max_gamma=8, max_new_tokens=5, max_active_sequences=2,
+                        max_prompt_tokens=6, round_timeout=0.5, handshake_timeout=0.5, node_wait_timeout=0.02)
+    strategy = SpecFedStrategy(TargetVerifier(target_model), cfg)
+    grid = ScriptedGrid({"vocab_size": VOCAB, "max-k": 64}, [], np.random.default_rng(1))
+    grid.replies_of_2 = None  # node 2 answers like node 1
+    answer = grid._answer
+    grid._answer = lambda node, m: answer(1 if m.metadata.message_type == "query.draft" else node, m)
+    prompts = [[1, 2], [3, 4, 5], list(range(1, 10)), [6], [7, 8]]  # prompt 2 is too long
+    with caplog.at_level("INFO", logger="specfed_flwr"):
+        result = strategy.generate(grid, prompts)
+    assert [s.index for s in result.sequences] == [0, 1, 3, 4]
+    assert all(len(s.token_ids) == 5 and s.finish_reason == "length" for s in result.sequences)
+    assert max(r.active_sequences for r in result.rounds) == 2
+    limits = result.summary["limits"]
+    assert limits["max_active_sequences"]["hits"] >= 1
+    assert limits["max_new_tokens"]["hits"] == 4
+    assert limits["max_prompt_tokens"]["hits"] == 1
+    assert "above max-prompt-tokens 6" in result.summary["refused_prompts"][2]
+    assert any("limit max-prompt-tokens=6 hit" in r.getMessage() for r in caplog.records)
+    # K asked of node 2 stayed within max-k although it offered 64
+    assert all(r.clients_asked <= 2 for r in result.rounds)
+    assert result.summary["topk_bytes_per_position"] <= 8 * (2 + 2)

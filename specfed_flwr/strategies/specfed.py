@@ -13,7 +13,8 @@ adds its own loop, ``generate(grid, prompts)``:
    are handed to ``on_finished`` immediately (so nothing generated is lost).
 
 Nodes that miss ``max_missed_rounds`` rounds in a row are deselected and probed again after
-``rejoin_after_rounds`` rounds. With no node left the server keeps decoding target-only.
+``rejoin_after_rounds`` rounds (doubling, up to 64x, each time a probe fails again). With no
+node left the server keeps decoding target-only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from logging import INFO, WARNING
 from typing import Any, Callable, Iterable, Sequence
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -99,9 +101,18 @@ class SpecFedStrategy(Strategy):
         started = time.perf_counter()
         if not messages:
             return {}, 0.0
-        ids = list(grid.push_messages(list(messages.values())))
-        node_of = {mid: name for mid, name in zip(ids, messages)}
-        pending = set(ids)
+        try:
+            ids = [str(i) for i in grid.push_messages(list(messages.values())) if i]
+        except Exception as exc:  # a transport hiccup costs this round's drafts, not the run
+            log(WARNING, "pushing %d message(s) failed (%s: %s); this round goes without them",
+                len(messages), type(exc).__name__, exc)
+            return {}, time.perf_counter() - started
+        # map replies to nodes by the id each pushed message got (a grid returns only the ids it
+        # stored, so the position in the returned list is not enough)
+        node_of = {m.metadata.message_id: name for name, m in messages.items() if m.metadata.message_id in set(ids)}
+        if not node_of and len(ids) == len(messages):
+            node_of = dict(zip(ids, messages))
+        pending = set(node_of)
         replies: dict[str, Message] = {}
         deadline = started + timeout
         while pending:
@@ -149,7 +160,11 @@ class SpecFedStrategy(Strategy):
             if reply is None:
                 excluded[name] = "no handshake reply before the deadline"
             elif reply.has_error():
-                excluded[name] = f"handshake failed on the device: {_short_reason(reply.error.reason)}"
+                code = int(getattr(reply.error, "code", -1))
+                if code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE):
+                    excluded[name] = f"no handshake reply before the deadline ({_short_reason(reply.error.reason, 80)})"
+                else:
+                    excluded[name] = f"handshake failed on the device: {_short_reason(reply.error.reason)}"
             else:
                 try:
                     if "info" not in reply.content.config_records:
@@ -242,6 +257,7 @@ class SpecFedStrategy(Strategy):
         clients = list(infos)
         missed: dict[str, int] = {c: 0 for c in clients}
         benched: dict[str, int] = {}  # deselected client -> round it may rejoin
+        strikes: dict[str, int] = {}  # deselections in a row without a good reply in between
         pids = {name: info.get("pid") for name, info in infos.items()}
         last_metrics: dict[str, dict[str, Any]] = {}  # newest metrics of each node
         ephemeral: set[str] = set()  # nodes whose ClientApp process changes every message
@@ -289,13 +305,20 @@ class SpecFedStrategy(Strategy):
                 if name in report.faults:
                     coordinator.forget_client_state(name)  # it may have lost or skipped state: resend whole
                     missed[name] = missed.get(name, 0) + 1
-                    if missed[name] >= cfg.max_missed_rounds:
-                        benched[name] = coordinator.round + cfg.rejoin_after_rounds
-                        coordinator.note_event(name, f"deselected after {missed[name]} missed rounds in a row; "
-                                                     f"probing again at round {benched[name]}")
+                    probing = name in benched  # a deselected node's probe: one miss benches it again
+                    if missed[name] >= cfg.max_missed_rounds or probing:
+                        # back off: each deselection in a row doubles the wait (at most 64x), so a node
+                        # that never answers in time costs the others fewer and fewer deadlines
+                        strikes[name] = strikes.get(name, 0) + 1
+                        wait = cfg.rejoin_after_rounds * 2 ** min(strikes[name] - 1, 6)
+                        benched[name] = coordinator.round + wait
+                        what = "failed its probe" if probing and missed[name] < cfg.max_missed_rounds else \
+                            f"{missed[name]} missed rounds in a row"
+                        coordinator.note_event(name, f"deselected after {what}; probing again at round {benched[name]}")
                         missed[name] = 0
                 else:
                     missed[name] = 0
+                    strikes.pop(name, None)
                     if benched.pop(name, None) is not None:
                         coordinator.note_event(name, "rejoined: replied in time to the probe")
             log(INFO, "%s", report.line())
@@ -339,7 +362,14 @@ class SpecFedStrategy(Strategy):
                 continue
             try:
                 if message.has_error():
-                    faults[name] = f"error reply from the device: {_short_reason(message.error.reason)}"
+                    code = int(getattr(message.error, "code", -1))
+                    if code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+                        # the request (ttl = the deadline) or its reply expired in the SuperLink
+                        faults[name] = f"no reply within the {cfg.round_timeout:g} s round deadline (expired)"
+                    elif code == ErrorCode.NODE_UNAVAILABLE:
+                        faults[name] = "no reply: the SuperLink reports the node unavailable"
+                    else:
+                        faults[name] = f"error reply from the device: {_short_reason(message.error.reason)}"
                     continue
                 arrays, m = reply_arrays(message.content)
                 replies[name] = decode_reply(
