@@ -1,0 +1,117 @@
+"""``specfed-flwr bench`` in miniature: tiny random models (tiny:0 target, tiny:1 draft, V=1024).
+
+Checks the outputs' shape and sanity, not speed: results.json records carry the required keys,
+byte accounting and compression are exact, the markdown has the targets section and the plots
+exist. The Flower simulation part has its own test (marked ``flower``: Ray startup alone takes
+tens of seconds on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from specfed_flwr import bench
+
+V = 1024
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    md = out / "B.md"
+    rc = bench.main(["--tiny", "--quick", "--no-flower", "--no-progress", "--out-dir", str(out), "--markdown", str(md)])
+    assert rc == 0
+    return out, md
+
+
+def test_results_records_have_required_keys(tiny_run):
+    out, _ = tiny_run
+    records = json.loads((out / "results.json").read_text())
+    assert isinstance(records, list) and records
+    for rec in records:
+        missing = [k for k in bench.REQUIRED_KEYS if k not in rec]
+        assert not missing, f"{rec.get('engine')}: missing {missing}"
+        assert rec["machine"]["cores"] >= 1 and rec["machine"]["torch"]
+    engines = {r["engine"] for r in records}
+    assert {"target-only", "hf-assisted", "in-process", "flower-deployment"} <= engines
+    assert any(r["engine"].startswith("modeled") for r in records)
+    deployment = next(r for r in records if r["engine"] == "flower-deployment")
+    assert deployment["status"] == "not measured" and deployment["tokens_per_s"] is None
+
+
+def test_sweep_values_are_sane(tiny_run):
+    out, _ = tiny_run
+    records = json.loads((out / "results.json").read_text())
+    sweeps = [r for r in records if r["kind"] == "sweep"]
+    axes = {r["axis"] for r in sweeps}
+    assert {"base", "k", "reconstruction", "gamma", "clients", "concurrency"} <= axes
+    for r in sweeps:
+        assert 0.0 <= r["alpha"] <= 1.0
+        assert 1.0 <= r["tau"] <= r["gamma"] + 1
+        assert r["tokens_per_s"] > 0
+        assert r["exact_match"] is None  # sampling mode
+        assert r["tv_to_target"] is None or 0.0 <= r["tv_to_target"] <= 1.0
+        assert len(r["per_position_acceptance"]) == r["gamma"]
+    base = next(r for r in sweeps if r["axis"] == "base")
+    assert (base["k"], base["gamma"], base["reconstruction"], base["clients"], base["concurrency"]) == (8, 4, "exact", 2, 1)
+    # K=8 at V=1024: 8 * (2 + 2) = 32 B of arrays per position, plus the reply header (seq id int64 +
+    # length int32 = 12 B per sequence and round) amortised over the drafted positions
+    assert 32 < base["uplink_bytes_per_position"] <= 32 + 12
+    # compression is measured on the top-K arrays alone (the engine's definition); the all-in
+    # ratio (headers included) is reported beside it
+    assert base["topk_bytes_per_position"] == 32
+    assert math.isclose(base["compression_vs_fp32"], 4 * V / 32)
+    assert math.isclose(base["compression_vs_fp16"], 2 * V / 32)
+    assert math.isclose(base["compression_vs_fp32_all_in"], 4 * V / base["uplink_bytes_per_position"])
+    assert math.isclose(base["compression_vs_fp16_all_in"], 2 * V / base["uplink_bytes_per_position"])
+    # exact schemes keep the target's law: the exact one-step law is p up to float error
+    exact = [r for r in sweeps if r["draft_sampling"] == "sparse" and r["tv_to_target"] is not None]
+    assert exact and all(r["tv_to_target"] < 1e-5 for r in exact)
+
+
+def test_greedy_engines_match_target(tiny_run):
+    out, _ = tiny_run
+    records = json.loads((out / "results.json").read_text())
+    for r in records:
+        if r["kind"] == "engine" and r.get("status") != "not measured":
+            assert r["exact_match"] == 1.0, r.get("label") or r["engine"]
+
+
+def test_analysis_markdown_and_plots(tiny_run):
+    out, md = tiny_run
+    analysis = json.loads((out / "analysis.json").read_text())
+    fixed = analysis["fixed_prefixes"]["per_k"]
+    assert fixed["8"]["bytes_per_position"] == 32
+    assert math.isclose(fixed["8"]["compression_vs_fp32"], 128.0)
+    assert math.isclose(fixed["V"]["compression_vs_fp32"], 1.0)
+    assert fixed["V"]["kept_mass"] == pytest.approx(1.0, abs=1e-4)
+    # with K = V every rule gives q_hat = q
+    for rule in ("uniform", "temperature", "exact"):
+        assert fixed["V"]["alpha"][rule] == pytest.approx(fixed["V"]["alpha_full_q"], abs=1e-4)
+    th = analysis["theory"]
+    assert th["gamma_star_link"] is not None and th["measured_best_gamma_link"] in th["fit"]["gamma"]
+    assert len(analysis["targets"]) == 4
+    text = md.read_text()
+    assert "## Targets" in text and "## Machine" in text and "not measured" in text
+    assert ("**met**" in text) or ("**missed**" in text)
+    for name in ("payload_alpha_vs_k", "gamma", "latency_vs_bandwidth"):
+        png = out / f"{name}.png"
+        assert png.exists() and png.stat().st_size > 1000
+        assert f"{name}.png" in text
+
+
+@pytest.mark.flower
+def test_flower_engine_record(tmp_path):
+    pair = bench.load_pair(True)
+    work = bench.make_workload(pair, bench.TINY_QUICK, True)
+    refs = [bench.hf_generate(pair, p, 6) for p in work.prompts]
+    m = bench.run_flower(pair, work.prompts, clients=2, concurrency=4, max_new_tokens=6, references=refs)
+    assert m["exact_match"] == 1.0
+    assert m["tokens"] == 6 * len(work.prompts)
+    assert m["rounds"] >= 1 and m["tokens_per_s"] > 0
+    assert m["engine_overhead_s_per_round"] >= 0 and 0 <= m["engine_overhead_share"] <= 1
+    assert m["draft_max_s_per_round"] > 0
+    assert not m["faults"]  # one Ray actor keeps both nodes' draft caches warm
