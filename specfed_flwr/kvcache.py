@@ -38,6 +38,31 @@ def crop_cache(cache, current_len: int, keep: int) -> int:
     return current_len
 
 
+# --------------------------------------------------------------------------- model calls
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes its KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes away
+    in 5.40); earlier releases, and custom models, only know ``past_key_values``.
+    """
+    return "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, under either name (see ``cache_argument``)."""
+    for name in ("cache", "past_key_values"):
+        value = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def forward_with_cache(model: torch.nn.Module, cache, **inputs):
+    """``model(**inputs)`` extending ``cache``; returns (output, the cache to keep)."""
+    output = model(**inputs, use_cache=True, **{cache_argument(model): cache})
+    return output, returned_cache(output)
+
+
 # --------------------------------------------------------------------------- batching
 def _cache_classes():
     from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -71,7 +96,7 @@ def supports_padded_batching(model: torch.nn.Module) -> bool:
     summarise the past in ways that padding would change): otherwise callers loop per sequence.
     """
     params = _forward_parameters(type(model))
-    if not {"attention_mask", "position_ids", "past_key_values"} <= params:
+    if not {"attention_mask", "position_ids"} <= params or not {"cache", "past_key_values"} & params:
         return False
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
@@ -236,12 +261,12 @@ class PaddedBatch:
         if accepts_logits_to_keep(model) and union.numel() < width:
             kwargs["logits_to_keep"] = union.to(self.device)
             local = torch.searchsorted(union, gather)
-        out = model(
+        out, _ = forward_with_cache(
+            model,
+            self.cache,
             input_ids=input_ids.to(self.device),
             attention_mask=self.mask.to(device=self.device, dtype=torch.long),
             position_ids=position_ids.to(self.device),
-            past_key_values=self.cache,
-            use_cache=True,
             **kwargs,
         )
         self.steps += 1

@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .kvcache import PaddedBatch, cache_is_batchable, crop_cache, supports_padded_batching
+from .kvcache import PaddedBatch, cache_is_batchable, crop_cache, forward_with_cache, supports_padded_batching
 from .wire import DraftReply, make_reply
 
 _FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
@@ -188,9 +188,8 @@ class HFDraftProposer(DraftProposer):
             # every token is cached: recompute the last one to get its logits
             state.cache_len = crop_cache(state.cache, state.cache_len, len(state.tokens) - 1)
         pending = torch.tensor([state.tokens[state.cache_len :]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=pending, past_key_values=state.cache, use_cache=True)
+        out, state.cache = forward_with_cache(self.model, state.cache, input_ids=pending)
         self.forward_calls += 1
-        state.cache = out.past_key_values
         state.cache_len = len(state.tokens)
         logits = out.logits[0, -1, : self.vocab_size].float()
         scale = temperature if temperature > 0 else 1.0

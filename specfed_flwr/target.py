@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kvcache import PaddedBatch, cache_is_batchable, crop_cache, supports_padded_batching
+from .kvcache import PaddedBatch, cache_is_batchable, crop_cache, forward_with_cache, supports_padded_batching
 
 
 @dataclass
@@ -66,9 +66,8 @@ class TargetVerifier:
         pending = seq.tokens[seq.cache_len :] + [int(t) for t in path]
         started = time.perf_counter()
         input_ids = torch.tensor([pending], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True)
+        out, seq.cache = forward_with_cache(self.model, seq.cache, input_ids=input_ids)
         self.forward_calls += 1
-        seq.cache = out.past_key_values
         seq.cache_len += len(pending)
         seq.scored_path = [int(t) for t in path]
         logits = out.logits[0, -(len(path) + 1) :, : self.vocab_size].float().cpu()

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specfed_flwr.config import SpecFedConfig
 from specfed_flwr.engine import InProcessEngine
-from specfed_flwr.kvcache import PaddedBatch, supports_padded_batching
+from specfed_flwr.kvcache import PaddedBatch, returned_cache, supports_padded_batching
 from specfed_flwr.proposer import HFDraftProposer
 from specfed_flwr.target import TargetVerifier
 
@@ -192,7 +192,7 @@ def test_padded_batch_row_caches_have_no_padding(target):
         cache = batch.row_cache(row)
         extra = extras[row]
         assert batch.row_length(row) == len(toks) + len(extra) == cache.get_seq_length()
-        ref = target(input_ids=torch.tensor([toks + extra]), use_cache=True).past_key_values
+        ref = returned_cache(target(input_ids=torch.tensor([toks + extra]), use_cache=True))
         for got, want in zip(cache.layers, ref.layers):
             assert torch.allclose(got.keys, want.keys, atol=1e-5)
             assert torch.allclose(got.values, want.values, atol=1e-5)
