@@ -597,6 +597,7 @@ def run_flower(pair: Pair, prompts: list[list[int]], *, clients: int, concurrenc
     metrics["flower_actors"] = actors
     metrics["simulation_total_s"] = total
     metrics["faults"] = {c: len(f) for c, f in result.faults.items()}
+    metrics["draft_loads"] = result.summary.get("draft_loads")
     return metrics
 
 

@@ -316,7 +316,8 @@ def markdown(bench, plots: dict[str, Path], md_path: Path) -> str:
     if fl:
         s.append("### Flower engines: per-round engine overhead (simulation and deployment side by side)\n")
         s.append(_table(["run", "client processes", "rounds", "round (ms)", "verify (ms)", "client draft (ms)",
-                         "server other (ms)", "engine overhead (ms)", "overhead share of round time"],
+                         "server other (ms)", "engine overhead (ms)", "overhead share of round time",
+                         "draft model loads per device"],
                         [[r["label"],
                           (f"{_f(r.get('flower_actors'))} Ray actor(s)" if r["engine"] == "flower-simulation"
                            else f"{r['clients']} SuperNodes + {r['clients']} draft workers"),
@@ -328,7 +329,8 @@ def markdown(bench, plots: dict[str, Path], md_path: Path) -> str:
                           else "(in overhead)",
                           _f(1000 * r["engine_overhead_s_per_round"], ".0f")
                           + (" median" if r["engine"] == "flower-simulation" else " mean"),
-                          _f(100 * r["engine_overhead_share"], ".0f") + "%"]
+                          _f(100 * r["engine_overhead_share"], ".0f") + "%",
+                          _draft_loads(r)]
                          for r in fl]))
         s.append("\nEngine overhead = round wall time − verify − client draft time. The simulation gives a node's message "
                  "to whichever Ray actor is free, so with one actor per client a node's draft KV caches would be split "
@@ -477,6 +479,14 @@ def _load_note(m: dict[str, Any]) -> str:
                 "Absolute timings are therefore inflated and noisy (each process got a fraction of a core at times).")
     return (f"The 1-minute load average was {mean:.1f} on average (max {d['max']:.1f}) on {cores} cores, about "
             "what this benchmark alone puts on the machine.")
+
+
+def _draft_loads(r: dict[str, Any]) -> str:
+    """How often each device loaded its draft over the whole run (1 = kept warm, not reloaded per round)."""
+    loads = r.get("draft_loads")
+    if not loads:
+        return "–"
+    return ", ".join(f"{node}: {n}" for node, n in sorted(loads.items())) if isinstance(loads, dict) else str(loads)
 
 
 def bench_base(bench) -> dict[str, Any]:

@@ -115,3 +115,4 @@ def test_flower_engine_record(tmp_path):
     assert m["engine_overhead_s_per_round"] >= 0 and 0 <= m["engine_overhead_share"] <= 1
     assert m["draft_max_s_per_round"] > 0
     assert not m["faults"]  # one Ray actor keeps both nodes' draft caches warm
+    assert set(m["draft_loads"].values()) == {1}  # the draft is loaded once per process, not per round
