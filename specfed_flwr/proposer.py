@@ -36,7 +36,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .kvcache import PaddedBatch, cache_is_batchable, crop_cache, forward_with_cache, supports_padded_batching
+from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, crop_cache, forward_with_cache,
+                      supports_padded_batching)
 from .wire import DraftReply, make_reply
 
 _FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
@@ -188,7 +189,10 @@ class HFDraftProposer(DraftProposer):
             # every token is cached: recompute the last one to get its logits
             state.cache_len = crop_cache(state.cache, state.cache_len, len(state.tokens) - 1)
         pending = torch.tensor([state.tokens[state.cache_len :]], dtype=torch.long, device=self.device)
-        out, state.cache = forward_with_cache(self.model, state.cache, input_ids=pending)
+        # only the last position's distribution is needed: skip the vocabulary-sized head elsewhere
+        # (a prompt's prefill would otherwise compute [prompt length, V] logits)
+        keep = {"logits_to_keep": 1} if pending.shape[1] > 1 and accepts_logits_to_keep(self.model) else {}
+        out, state.cache = forward_with_cache(self.model, state.cache, input_ids=pending, **keep)
         self.forward_calls += 1
         state.cache_len = len(state.tokens)
         logits = out.logits[0, -1, : self.vocab_size].float()

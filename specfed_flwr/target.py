@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kvcache import PaddedBatch, cache_is_batchable, crop_cache, forward_with_cache, supports_padded_batching
+from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, crop_cache, forward_with_cache,
+                      supports_padded_batching)
 
 
 @dataclass
@@ -66,7 +67,9 @@ class TargetVerifier:
         pending = seq.tokens[seq.cache_len :] + [int(t) for t in path]
         started = time.perf_counter()
         input_ids = torch.tensor([pending], dtype=torch.long, device=self.device)
-        out, seq.cache = forward_with_cache(self.model, seq.cache, input_ids=input_ids)
+        keep = len(path) + 1
+        extra = {"logits_to_keep": keep} if len(pending) > keep and accepts_logits_to_keep(self.model) else {}
+        out, seq.cache = forward_with_cache(self.model, seq.cache, input_ids=input_ids, **extra)
         self.forward_calls += 1
         seq.cache_len += len(pending)
         seq.scored_path = [int(t) for t in path]
