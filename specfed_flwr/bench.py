@@ -1510,9 +1510,11 @@ class Bench:
                     f"{1000 * row['full fp32']['s_per_token']:.1f} ms/token: {sp:.1f}x "
                     f"({'met' if sp >= 3 else 'missed'}); (b) {gamma_text} ({'met' if dg <= 1 else 'missed'})")
             if sp < 3:
-                text += (". (a) missed because the modeled round is dominated by compute measured on this (loaded) "
-                         "CPU, which dilutes the uplink saving of full-distribution transmission; faster compute "
-                         "(an idle machine, a GPU target) or a slower uplink widens the gap")
+                load = (self.machine.get("load_1min_during_run") or {}).get("mean") or 0.0
+                where = "this CPU" + (" (shared and loaded while it ran)" if load > (self.machine.get("cores") or 1) else "")
+                text += (f". (a) missed because the modeled round is dominated by compute measured on {where}, which "
+                         "dilutes the uplink saving of full-distribution transmission; faster compute "
+                         "(a GPU target, a cheaper draft) or a slower uplink widens the gap")
             if dg > 1:
                 text += (". (b) missed: the measured tokens/s vs gamma is flat near its maximum, so one noisy run per "
                          "gamma on a shared machine moves the argmax; the i.i.d. model also ignores that acceptance "
@@ -1570,6 +1572,7 @@ class Bench:
             setattr(bench, k, state[k])
         bench.preset, bench.tiny = state["preset"], state["tiny"]
         bench.pair = _PairInfo(bench.analysis["models"])
+        bench._targets()  # the verdicts' wording may have changed since the run; the numbers have not
         return bench
 
     def render(self) -> None:
