@@ -208,7 +208,10 @@ def test_measured_round_cost_lengthens_adaptive_drafts() -> None:
     """Coordinator.complete_round(round_seconds=...) feeds the controller's per-round cost b:
     the same drafts over a slow transport (deployment: seconds per round) make longer drafts
     pay. Vocabulary 16 and K=16 so that q_hat == q and alpha ~ 1 (random tiny models are
-    near-uniform: with a big vocabulary their alpha is ~K/V whatever the draft)."""
+    near-uniform: with a big vocabulary their alpha is ~K/V whatever the draft). The client's
+    draft time is pinned at 40 ms a round: a tiny model drafts in well under a millisecond on an
+    idle machine, which makes even a 50 ms round cost hundreds of draft tokens and pushes both
+    runs to max-gamma (the verdict would then depend on how loaded the machine is)."""
     from specfed_flwr.client_core import DraftClient
     from specfed_flwr.config import SpecFedConfig
     from specfed_flwr.engine import Coordinator
@@ -225,8 +228,8 @@ def test_measured_round_cost_lengthens_adaptive_drafts() -> None:
         for _ in range(3):
             requests = coordinator.plan_round(["c"])
             reply, metrics = client.handle(requests["c"])
-            coordinator.complete_round({"c": reply}, client_metrics={"c": metrics.as_dict()},
-                                       round_seconds=round_seconds)
+            measured = dict(metrics.as_dict(), draft_seconds=0.04)
+            coordinator.complete_round({"c": reply}, client_metrics={"c": measured}, round_seconds=round_seconds)
         return coordinator.settings_for("c")[0], coordinator.controller("c").round_cost
 
     (fast, b_fast), (slow, b_slow) = run(0.05), run(5.0)
