@@ -270,12 +270,18 @@ class PaddedBatch:
             **kwargs,
         )
         self.steps += 1
-        logits = torch.take_along_dim(out.logits, local.to(out.logits.device).unsqueeze(-1), dim=1)
         if n_keep == 0:
-            return logits[:, :0]
-        empty = torch.tensor([not k for k in keep], device=logits.device)
-        if bool(empty.any()):
-            logits = logits.masked_fill(empty.view(-1, 1, 1), 0.0)
+            return out.logits[:, :0]
+        if bool((local == torch.arange(out.logits.shape[1]).unsqueeze(0)).all()) if local.shape[1] == out.logits.shape[1] else False:
+            # every row keeps the same positions, in order: the forward's logits already are the result
+            # (no [B, n_keep, V] gather copy; this is the common verify case)
+            logits = out.logits
+        else:
+            logits = torch.take_along_dim(out.logits, local.to(out.logits.device).unsqueeze(-1), dim=1)
+        empty = [row for row, k in enumerate(keep) if not k]
+        if empty:
+            logits = logits.clone() if logits is out.logits else logits
+            logits[empty] = 0.0
         return logits
 
     def row_length(self, row: int) -> int:

@@ -155,6 +155,15 @@ class HFDraftProposer(DraftProposer):
     def known_sequences(self) -> list[int]:
         return list(self._states)
 
+    def committed_length(self, seq_id: int) -> int:
+        """Tokens of ``seq_id`` the server has committed (as far as this device knows)."""
+        return self._states[seq_id].committed
+
+    def drafted_tokens(self, seq_id: int) -> list[int]:
+        """This device's latest drafts for ``seq_id`` (past the committed prefix)."""
+        state = self._states[seq_id]
+        return state.tokens[state.committed:]
+
     def sync(self, seq_id: int, start: int, tokens: Sequence[int]) -> None:
         tokens = [int(t) for t in tokens]
         state = self._states.get(seq_id)

@@ -83,9 +83,9 @@ class TargetVerifier:
         if len(seq_ids) != len(paths):
             raise ValueError(f"{len(seq_ids)} sequences but {len(paths)} paths")
         g = max((len(p) for p in paths), default=0)
-        out = torch.zeros((len(seq_ids), g + 1, self.vocab_size), dtype=torch.float32)
         if self._can_batch(seq_ids):
-            return self._score_padded(seq_ids, paths, out)
+            return self._score_padded(seq_ids, paths, g)
+        out = torch.zeros((len(seq_ids), g + 1, self.vocab_size), dtype=torch.float32)
         for row, (seq_id, path) in enumerate(zip(seq_ids, paths)):
             out[row, : len(path) + 1] = self.score(seq_id, path)
         return out
@@ -99,7 +99,7 @@ class TargetVerifier:
         )
 
     @torch.inference_mode()
-    def _score_padded(self, seq_ids: list[int], paths: list[list[int]], out: torch.Tensor) -> torch.Tensor:
+    def _score_padded(self, seq_ids: list[int], paths: list[list[int]], g: int) -> torch.Tensor:
         seqs = [self._seqs[s] for s in seq_ids]
         paths = [[int(t) for t in p] for p in paths]
         pending = [seq.tokens[seq.cache_len :] + path for seq, path in zip(seqs, paths)]
@@ -113,11 +113,16 @@ class TargetVerifier:
         )
         logits = batch.step(self.model, pending, keep)
         self.forward_calls += 1
+        # [B, G+1, V]: a view of the forward's own logits when they are float32 on the CPU already
+        out = logits[:, : g + 1, : self.vocab_size].float().cpu()
+        if out.shape[1] < g + 1:
+            out = torch.cat([out, out.new_zeros((out.shape[0], g + 1 - out.shape[1], out.shape[2]))], dim=1)
         for row, (seq, path) in enumerate(zip(seqs, paths)):
             seq.cache = batch.row_cache(row)
             seq.cache_len += len(pending[row])
             seq.scored_path = path
-            out[row, : len(path) + 1] = logits[row, : len(path) + 1, : self.vocab_size].float().cpu()
+            if len(path) < g:
+                out[row, len(path) + 1 :] = 0.0  # nothing was scored past this row's path
         self.forward_seconds += time.perf_counter() - started
         return out
 
