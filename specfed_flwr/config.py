@@ -25,7 +25,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "reconstruction": ("uniform", "temperature", "exact"),
     "draft_sampling": ("sparse", "full"),
     "draft_selection": ("auto", "consensus", "pick", "vote"),
-    "draft_quantization": ("int8", "int4", "none"),
+    "draft_quantization": ("int4", "int8", "none"),
 }
 
 
@@ -34,7 +34,7 @@ class SpecFedConfig:
     # models
     target: str = "default"
     draft: str = "default"
-    draft_quantization: str = "int8"
+    draft_quantization: str = "int4"
     device: str = "auto"
     # protocol
     mode: str = "collaborative"

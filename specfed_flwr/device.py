@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .client_core import DraftClient
+from .config import SpecFedConfig
 from .protocol import DraftRequest
 from .proposer import DraftStateError, HFDraftProposer
 from .wire import make_reply, payload_bytes
@@ -64,7 +65,7 @@ class DeviceRuntime:
             existing = self._clients.get(key)
         if existing is not None:
             return existing
-        loaded = self.model(str(settings.get("draft", "default")), str(settings.get("draft-quantization", "int8")))
+        loaded = self.model(str(settings.get("draft", "default")), str(settings.get("draft-quantization", SpecFedConfig.draft_quantization)))
         client = DraftClient(
             HFDraftProposer(loaded.model, vocab_size=loaded.vocab_size),
             max_k=int(settings["max-k"]) if "max-k" in settings else None,
@@ -80,7 +81,7 @@ class DeviceRuntime:
     def handshake(self, key: tuple[Any, ...], settings: Mapping[str, Any]) -> dict[str, Any]:
         self.reset(key)  # a new run starts from clean sequence state
         self.client(key, settings)
-        loaded = self.model(str(settings.get("draft", "default")), str(settings.get("draft-quantization", "int8")))
+        loaded = self.model(str(settings.get("draft", "default")), str(settings.get("draft-quantization", SpecFedConfig.draft_quantization)))
         info = tokenizer_identity(loaded.tokenizer, loaded.vocab_size)
         info.update(
             {
@@ -111,7 +112,7 @@ class DeviceRuntime:
             log.info("draft state lost for %s (%s): asking for whole sequences", key, exc)
             self.reset(key)
             b = int(request.seq_ids.shape[0])
-            loaded = self.model(str(settings.get("draft", "default")), str(settings.get("draft-quantization", "int8")))
+            loaded = self.model(str(settings.get("draft", "default")), str(settings.get("draft-quantization", SpecFedConfig.draft_quantization)))
             reply = make_reply(request.seq_ids, np.zeros(b, dtype=np.int64), np.zeros((b, 1, 1), dtype=np.int64),
                                np.zeros((b, 1, 1), dtype=np.float32), loaded.vocab_size)
             out = {"draft_seconds": 0.0, "positions": 0, "uplink_bytes": payload_bytes(reply),

@@ -147,6 +147,7 @@ class ClientStats:
     events: list[str] = field(default_factory=list)
     fault_kinds: dict[str, int] = field(default_factory=dict)  # kind (see ``fault_kind``) -> count
     resyncs: int = 0  # rounds the device answered without its draft state (whole sequences resent)
+    resync_rounds: list[int] = field(default_factory=list)  # the rounds those were
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -161,6 +162,7 @@ class ClientStats:
             "events": list(self.events),
             "fault_kinds": dict(self.fault_kinds),
             "resyncs": self.resyncs,
+            "resync_rounds": list(self.resync_rounds),
         }
 
 

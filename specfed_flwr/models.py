@@ -661,7 +661,7 @@ def load_target(name_or_path: str = DEFAULT_NAME, device: str = "auto", dtype: t
     return model, tokenizer
 
 
-def load_draft(name_or_path: str = DEFAULT_NAME, quantization: str = "int8", device: str = "cpu"):
+def load_draft(name_or_path: str = DEFAULT_NAME, quantization: str = "int4", device: str = "cpu"):
     """The draft: the checkpoint in fp32 with weight-only quantised linears.
 
     ``int8``: int8 body and head (embedding shares the head's int8 table); ``int4``: int4 body
@@ -702,7 +702,7 @@ class ModelPair:
         return int(self.info.get("vocab_size", _vocab_size_of(self.target)))
 
 
-def load_pair(target: str = DEFAULT_NAME, draft: str = DEFAULT_NAME, draft_quantization: str = "int8",
+def load_pair(target: str = DEFAULT_NAME, draft: str = DEFAULT_NAME, draft_quantization: str = "int4",
               device: str = "auto", draft_device: str = "cpu") -> ModelPair:
     """Target (fp32 on ``device``) + quantised draft (on ``draft_device``, the edge device: CPU) sharing one vocabulary."""
     started = time.perf_counter()

@@ -35,12 +35,15 @@ def summary_table(summary: dict[str, Any]) -> str:
     clients = summary.get("clients") or {}
     if clients:
         lines.append("-" * (width + 16))
-        lines.append("per client: replied/asked  positions  uplink B  faults")
+        loads = summary.get("draft_loads") or {}
+        lines.append("per client: replied/asked  positions  uplink B  faults  draft loads  resyncs after round 1")
         for name, stats in clients.items():
             faults = stats.get("faults") or []
+            late_resyncs = sum(1 for r in stats.get("resync_rounds") or [] if r > 1)
             lines.append(
                 f"  {name}: {stats['rounds_replied']}/{stats['rounds_asked']}  {stats['positions']}  "
-                f"{stats['uplink_bytes']}  {len(faults)}" + (f" (first: {faults[0]})" if faults else "")
+                f"{stats['uplink_bytes']}  {len(faults)}  {_fmt(loads.get(name))}  {late_resyncs}"
+                + (f" (first fault: {faults[0]})" if faults else "")
             )
     excluded = summary.get("excluded") or {}
     for name, reason in excluded.items():

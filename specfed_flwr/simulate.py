@@ -51,6 +51,8 @@ def simulate(
     if engine == "python":
         from flwr.simulation import run_simulation
 
+        from .launch import single_actor_backend
+
         from .client_app import app as client_app
         from .serve import make_server_app
 
@@ -58,7 +60,7 @@ def simulate(
             server_app=make_server_app(run_config),
             client_app=client_app,
             num_supernodes=num_supernodes,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            backend_config=single_actor_backend(),
         )
         return 0
     from .launch import flwr_run, start_simulation_stack

@@ -50,7 +50,7 @@ def load_target_spec(spec: str, device: str = "auto") -> LoadedModel:
     return LoadedModel(model, tokenizer, f"{spec} (fp32)", time.perf_counter() - started, int(model.config.vocab_size))
 
 
-def load_draft_spec(spec: str, quantization: str = "int8", device: str = "cpu") -> LoadedModel:
+def load_draft_spec(spec: str, quantization: str = "int4", device: str = "cpu") -> LoadedModel:
     if spec.startswith("tiny"):
         return _tiny(spec)
     from .models import load_draft

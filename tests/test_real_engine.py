@@ -1,4 +1,4 @@
-"""The in-process engine on the embedded default pair (SmolLM2-135M fp32 target, int8 draft).
+"""The in-process engine on the embedded default pair (SmolLM2-135M fp32 target, int4 draft).
 
 gamma=4, K=8, greedy: the output reproduces the target's own greedy ``generate`` on >= 8 of
 10 prompts (a divergence can only come from a near-tie between the top two target logits,

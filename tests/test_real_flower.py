@@ -1,4 +1,4 @@
-"""The embedded default pair (SmolLM2-135M fp32 target, int8 draft) through Flower's
+"""The embedded default pair (SmolLM2-135M fp32 target, int4 draft) through Flower's
 simulation engine, 2 SuperNodes: greedy output equals the target's own ``generate``.
 
 As in test_real_engine, a divergence is only accepted at a near-tie of the target's top two

@@ -300,6 +300,7 @@ class SpecFedStrategy(Strategy):
                     # round (not a fault); resend whole sequences next round
                     coordinator.forget_client_state(name)
                     coordinator.client_stats[name].resyncs += 1
+                    coordinator.client_stats[name].resync_rounds.append(coordinator.round)
                     log(INFO, "node %s lost its draft state (another process?): resending whole sequences", name)
             for name in requests:
                 if name in report.faults:
