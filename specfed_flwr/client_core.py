@@ -1,12 +1,17 @@
 """The device's side of one round, independent of how messages travel.
 
-The Flower ClientApp, the deployment draft worker and the in-process engine all call
-``DraftClient.handle``: free released sequences, apply each sequence's accepted delta,
-draft, and report what it cost.
+The Flower ClientApp and the in-process engine both call ``DraftClient.handle``: free released
+sequences, apply each sequence's accepted delta, draft, and report what it cost.
+
+With ``draft_ahead`` the client keeps drafting after it replied, on a background thread, until
+the next request arrives (``proposer.draft_ahead``: guess that every draft is accepted and that
+the bonus token is its own next draft). ``handle`` stops that thread first (at the next forward
+boundary), so the proposer is only ever used by one thread at a time.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -21,6 +26,8 @@ class DraftMetrics:
     positions: int
     uplink_bytes: int
     downlink_bytes: int
+    proactive_hits: int = 0  # rows whose drafts were already there (drafted ahead) when this request came
+    proactive_misses: int = 0  # rows whose drafts made ahead were dropped (the delta differed)
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -28,40 +35,77 @@ class DraftMetrics:
             "positions": self.positions,
             "uplink_bytes": self.uplink_bytes,
             "downlink_bytes": self.downlink_bytes,
+            "proactive_hits": self.proactive_hits,
+            "proactive_misses": self.proactive_misses,
         }
 
 
 class DraftClient:
-    def __init__(self, proposer: DraftProposer, max_k: int | None = None, max_gamma: int | None = None):
+    def __init__(self, proposer: DraftProposer, max_k: int | None = None, max_gamma: int | None = None, *,
+                 draft_ahead: bool = False):
         self.proposer = proposer
         self.max_k = max_k
         self.max_gamma = max_gamma
+        self.draft_ahead = bool(draft_ahead)
+        self._ahead: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
 
     def handle(self, request: DraftRequest) -> tuple[DraftReply, DraftMetrics]:
         request.validate(self.proposer.vocab_size)
-        start = time.perf_counter()
-        for seq_id in request.release.tolist():
-            self.proposer.forget(int(seq_id))
-        k = request.k if self.max_k is None else min(request.k, self.max_k)
-        gammas = request.gammas.tolist()
-        if self.max_gamma is not None:
-            gammas = [min(g, self.max_gamma) for g in gammas]
-        for b, seq_id in enumerate(request.seq_ids.tolist()):
-            self.proposer.sync(int(seq_id), int(request.starts[b]), request.delta(b).tolist())
-        reply = self.proposer.propose(
-            request.seq_ids.tolist(),
-            gammas,
-            k,
-            temperature=request.temperature,
-            sampling=request.sampling,
-            seed=request.seed,
-            round_=request.round,
-        )
-        elapsed = time.perf_counter() - start
+        self.stop_ahead()
+        with self._lock:
+            start = time.perf_counter()
+            before = self.proposer.stats
+            for seq_id in request.release.tolist():
+                self.proposer.forget(int(seq_id))
+            k = request.k if self.max_k is None else min(request.k, self.max_k)
+            gammas = request.gammas.tolist()
+            if self.max_gamma is not None:
+                gammas = [min(g, self.max_gamma) for g in gammas]
+            for b, seq_id in enumerate(request.seq_ids.tolist()):
+                self.proposer.sync(int(seq_id), int(request.starts[b]), request.delta(b).tolist())
+            reply = self.proposer.propose(
+                request.seq_ids.tolist(),
+                gammas,
+                k,
+                temperature=request.temperature,
+                sampling=request.sampling,
+                seed=request.seed,
+                round_=request.round,
+            )
+            elapsed = time.perf_counter() - start
+            after = self.proposer.stats
         metrics = DraftMetrics(
             draft_seconds=elapsed,
             positions=int(reply.lengths.sum()),
             uplink_bytes=payload_bytes(reply),
             downlink_bytes=request.nbytes(),
+            proactive_hits=after["proactive_hits"] - before["proactive_hits"],
+            proactive_misses=after["proactive_misses"] - before["proactive_misses"],
         )
+        if self.draft_ahead:
+            rows = [int(s) for s, g in zip(request.seq_ids.tolist(), gammas) if g > 0]
+            if rows:
+                self._start_ahead(rows, max(gammas) + 1)
         return reply, metrics
+
+    def _start_ahead(self, seq_ids: list[int], extra: int) -> None:
+        def run() -> None:
+            with self._lock:
+                try:
+                    self.proposer.draft_ahead(seq_ids, extra, self._stop)
+                except Exception:  # noqa: BLE001 - a guess that fails costs nothing but the guess
+                    pass
+
+        self._stop.clear()
+        self._ahead = threading.Thread(target=run, name="specfed-draft-ahead", daemon=True)
+        self._ahead.start()
+
+    def stop_ahead(self) -> None:
+        """Stop drafting ahead (at the next forward boundary) and wait for it."""
+        thread = self._ahead
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+            self._ahead = None

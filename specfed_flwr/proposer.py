@@ -4,6 +4,7 @@
 transformers' candidate generators): ``sync`` applies the accepted delta the server sent
 (cropping the rejected tail of the KV cache), ``propose`` drafts up to gamma tokens for a
 batch of sequences and returns the compact top-K reply, ``forget`` frees a sequence.
+``draft_ahead`` (optional) keeps drafting while the device waits for the server.
 
 ``sparsify`` is the one place that decides what a drafted position sends:
 
@@ -14,22 +15,35 @@ batch of sequences and returns the compact top-K reply, ``forget`` frees a seque
 * ``full`` (paper-faithful): the token is sampled from the full q; if it is outside the
   top-K it replaces the K-th slot, so the drafted token is always sent.
 
-The drafted token is moved to slot 0 (see docs/DESIGN.md, wire format).
+The drafted token is moved to slot 0 (see docs/DESIGN.md, wire format). Sampling is by inverse
+CDF from one uniform per row, so a whole batch is sampled in one vectorised call.
+
+Randomness is keyed by position: the uniform that samples position ``p`` of sequence ``s`` is
+``position_uniform(seed, s, p)``. A reply therefore does not depend on batching, on the round
+number or on whether the position was drafted ahead of time. Reusing the uniform of a position
+that is drafted again after a rejection is sound: the server only tests positions up to the
+first rejection, so a position is drafted again only if its earlier draft was never tested,
+and its uniform never influenced any outcome.
 
 ``HFDraftProposer`` drafts all sequences of a request together (``batched=True``, the
 default): one forward per draft step for the whole batch -- the first step feeds every
 sequence's pending tokens (right-padded, left-padded caches, attention mask and per-row
-positions, see ``kvcache.PaddedBatch``), the next gamma-1 steps one token per row; a row whose
-gamma is reached idles (masked) until the longest one is done. Each row is still sampled by
-``sparsify`` with its own ``sequence_generator(seed, round, seq_id)``, so the reply does not
-depend on batching (up to float noise in the logits). ``batched=False`` keeps the
-per-sequence loop.
+positions, see ``kvcache.PaddedBatch``), the next steps one token per row; a row that has all it
+needs idles (masked) until the longest one is done. ``batched=False`` keeps the per-sequence loop.
+
+**Drafting ahead** (proactive drafting). After a reply the device may keep drafting on the
+assumption that every draft is accepted and that the server's bonus token is its own next draft:
+``draft_ahead`` drafts that guess plus ``gamma`` more positions. Each drafted position keeps its
+top-K (``_SequenceState.dists``). When the next delta confirms the guess (``sync`` finds the
+delta equal to what the device had drafted), ``propose`` serves those positions without a
+forward; otherwise they are dropped. Served and dropped rows are counted (``stats``).
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -47,27 +61,47 @@ class DraftStateError(ValueError):
     """The server's delta does not fit the sequence state this device holds."""
 
 
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``weights`` [N, M] >= 0 (rows not all zero), ``uniforms`` [N] in [0, 1) -> index [N] long.
+
+    Index j is drawn with probability weights[j] / sum(weights): the first j whose cumulative
+    weight exceeds u * total. A zero-weight entry is never drawn, also when rounding makes
+    u * total reach the total (then the last positive entry is taken).
+    """
+    cum = weights.cumsum(dim=1)  # [N, M]
+    x = (uniforms.to(cum.dtype) * cum[:, -1]).unsqueeze(1)  # [N, 1]
+    idx = torch.searchsorted(cum, x, right=True).squeeze(1)  # [N]
+    positive = weights > 0  # [N, M]
+    last = (positive * torch.arange(weights.shape[1], device=weights.device)).amax(dim=1)  # [N]
+    return torch.minimum(idx, last)
+
+
 def sparsify(
-    q: torch.Tensor, k: int, mode: str, generator: torch.Generator | None = None
+    q: torch.Tensor, k: int, mode: str, generator: torch.Generator | None = None, *,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q`` [N, V] -> (ids [N, K] long, probs [N, K] float16, drafted [N] long); drafted token in slot 0.
 
-    ``mode`` is ``greedy``, ``sparse`` or ``full`` (see module docstring).
+    ``mode`` is ``greedy``, ``sparse`` or ``full`` (see module docstring). ``uniforms`` [N] are
+    the rows' sampling uniforms; without them N are drawn from ``generator``.
     """
     n, v = q.shape
     k = min(int(k), v)
-    vals, ids = torch.topk(q.float(), k, dim=1)
-    probs = vals.to(torch.float16)
-    rows = torch.arange(n)
+    vals, ids = torch.topk(q.float(), k, dim=1)  # [N, K]
+    probs = vals.to(torch.float16)  # [N, K]
     if mode == "greedy":
         return ids, probs, ids[:, 0].clone()
+    if mode not in ("sparse", "full"):
+        raise ValueError(f"unknown draft sampling mode {mode!r}; choose greedy, sparse or full")
+    if uniforms is None:
+        uniforms = torch.rand(n, generator=generator, dtype=torch.float64)
+    rows = torch.arange(n)
     if mode == "sparse":
-        weights = probs.float()
-        slot = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-    elif mode == "full":
-        drafted = torch.multinomial(q.float(), 1, generator=generator).squeeze(1)
-        hit = ids == drafted.unsqueeze(1)
-        in_top = hit.any(dim=1)
+        slot = _inverse_cdf(probs.float(), uniforms)  # [N]
+    else:
+        drafted = _inverse_cdf(q.float(), uniforms)  # [N]
+        hit = ids == drafted.unsqueeze(1)  # [N, K]
+        in_top = hit.any(dim=1)  # [N]
         slot = torch.where(in_top, hit.float().argmax(dim=1), torch.full_like(drafted, k - 1))
         missing = ~in_top
         if bool(missing.any()):
@@ -76,8 +110,6 @@ def sparsify(
             ids[missing, k - 1] = drafted[missing]
             outside = q[missing, drafted[missing]].to(torch.float16).clamp_min(_FP16_TINY)
             probs[missing, k - 1] = outside
-    else:
-        raise ValueError(f"unknown draft sampling mode {mode!r}; choose greedy, sparse or full")
     # move the drafted slot to slot 0
     first_ids, first_probs = ids[:, 0].clone(), probs[:, 0].clone()
     ids = ids.clone()
@@ -89,10 +121,10 @@ def sparsify(
     return ids, probs, ids[:, 0].clone()
 
 
-def sequence_generator(seed: int, round_: int, seq_id: int, salt: str = "") -> torch.Generator:
-    """Per (seed, round, sequence) randomness: independent of how sequences are batched."""
-    digest = hashlib.blake2b(f"{seed}:{round_}:{seq_id}:{salt}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+def position_uniform(seed: int, seq_id: int, position: int) -> float:
+    """The uniform in [0, 1) that samples ``position`` of sequence ``seq_id`` (see module docstring)."""
+    digest = hashlib.blake2b(f"{seed}:{seq_id}:{position}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) * 2.0 ** -53
 
 
 class DraftProposer(abc.ABC):
@@ -125,6 +157,26 @@ class DraftProposer(abc.ABC):
     def known_sequences(self) -> list[int]:
         return []
 
+    def draft_ahead(self, seq_ids: Sequence[int], extra: int, stop: threading.Event | None = None) -> int:
+        """Keep drafting ``extra`` positions past each sequence's drafts (see module docstring);
+        returns the positions drafted. Proposers that cannot draft ahead draft nothing."""
+        return 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters of drafting ahead: rows served from drafts made ahead, rows whose were dropped."""
+        return {"proactive_hits": 0, "proactive_misses": 0, "proactive_positions": 0}
+
+
+@dataclass(frozen=True)
+class _DraftKey:
+    """What a drafted position's top-K depends on besides the prefix: reused only if unchanged."""
+
+    k: int
+    mode: str
+    temperature: float
+    seed: int
+
 
 @dataclass
 class _SequenceState:
@@ -132,6 +184,26 @@ class _SequenceState:
     committed: int = 0
     cache: object | None = None
     cache_len: int = 0  # positions whose keys/values are in the cache (a prefix of tokens)
+    # position -> (ids [K], probs [K] float16) of each drafted position (>= committed), for ``key``
+    dists: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    key: _DraftKey | None = None
+    ahead: int = 0  # positions past the last reply that were drafted ahead
+
+    @property
+    def drafted(self) -> int:
+        """Drafted positions past the committed prefix whose top-K is known."""
+        n = 0
+        while self.committed + n < len(self.tokens) and (self.committed + n) in self.dists:
+            n += 1
+        return n
+
+    def truncate(self, length: int) -> None:
+        """Keep ``tokens[:length]`` (and the cache and top-Ks that belong to it)."""
+        if len(self.tokens) > length:
+            del self.tokens[length:]
+        self.cache_len = crop_cache(self.cache, self.cache_len, length)
+        for pos in [p for p in self.dists if p >= length]:
+            del self.dists[pos]
 
 
 class HFDraftProposer(DraftProposer):
@@ -151,6 +223,11 @@ class HFDraftProposer(DraftProposer):
         self.batched = bool(batched) and supports_padded_batching(model)
         self._states: dict[int, _SequenceState] = {}
         self.forward_calls = 0
+        self._stats = {"proactive_hits": 0, "proactive_misses": 0, "proactive_positions": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
 
     def known_sequences(self) -> list[int]:
         return list(self._states)
@@ -178,130 +255,160 @@ class HFDraftProposer(DraftProposer):
             raise DraftStateError(
                 f"sequence {seq_id}: delta starts at {start} but this device only has {state.committed} committed tokens"
             )
-        new_tokens = state.tokens[:start] + tokens
-        # keep the cached keys/values of the longest prefix that is unchanged
+        # keep the cached keys/values (and drafted top-Ks) of the longest prefix that is unchanged
         keep = start
         for old, new in zip(state.tokens[start:], tokens):
             if old != new:
                 break
             keep += 1
-        state.cache_len = crop_cache(state.cache, state.cache_len, keep)
-        state.tokens = new_tokens
-        state.committed = len(new_tokens)
+        end = start + len(tokens)
+        ahead = state.ahead
+        if keep == end and len(state.tokens) > end:
+            # the delta is exactly what this device drafted: the drafts past it stay (drafted ahead)
+            if ahead:
+                self._stats["proactive_hits"] += 1
+        else:
+            if ahead and len(state.tokens) > keep:
+                self._stats["proactive_misses"] += 1
+            state.truncate(keep)
+            state.tokens.extend(tokens[keep - start:])
+        state.ahead = 0
+        state.committed = end
+        for pos in [p for p in state.dists if p < end]:
+            del state.dists[pos]
 
     def forget(self, seq_id: int) -> None:
         self._states.pop(seq_id, None)
 
-    @torch.inference_mode()
-    def _next_distribution(self, state: _SequenceState, temperature: float) -> torch.Tensor:
-        if state.cache_len >= len(state.tokens):
-            # every token is cached: recompute the last one to get its logits
-            state.cache_len = crop_cache(state.cache, state.cache_len, len(state.tokens) - 1)
-        pending = torch.tensor([state.tokens[state.cache_len :]], dtype=torch.long, device=self.device)
-        # only the last position's distribution is needed: skip the vocabulary-sized head elsewhere
-        # (a prompt's prefill would otherwise compute [prompt length, V] logits)
-        keep = {"logits_to_keep": 1} if pending.shape[1] > 1 and accepts_logits_to_keep(self.model) else {}
-        out, state.cache = forward_with_cache(self.model, state.cache, input_ids=pending, **keep)
-        self.forward_calls += 1
-        state.cache_len = len(state.tokens)
-        logits = out.logits[0, -1, : self.vocab_size].float()
-        scale = temperature if temperature > 0 else 1.0
-        return torch.softmax(logits / scale, dim=-1).cpu()
-
-    def _distribution(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        scale = temperature if temperature > 0 else 1.0
-        return torch.softmax(logits[: self.vocab_size].float() / scale, dim=-1).cpu()
-
+    # ---- drafting ------------------------------------------------------------------------
     def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0) -> DraftReply:
         seq_ids = [int(s) for s in seq_ids]
         gammas = [int(g) for g in gammas]
         if len(gammas) != len(seq_ids):
             raise ValueError(f"{len(seq_ids)} sequences but {len(gammas)} draft lengths")
-        g_max = max(gammas, default=0)
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("a sequence appears twice in one request")
         k = min(int(k), self.vocab_size)
-        b = len(seq_ids)
-        ids_out = np.zeros((b, g_max, k), dtype=np.int64)
-        probs_out = np.zeros((b, g_max, k), dtype=np.float16)
-        lengths = np.zeros(b, dtype=np.int32)
-        mode = "greedy" if temperature <= 0 else sampling
+        key = _DraftKey(k, "greedy" if temperature <= 0 else str(sampling), float(temperature), int(seed))
         states = []
         for seq_id in seq_ids:
             state = self._states.get(seq_id)
             if state is None:
                 raise DraftStateError(f"sequence {seq_id}: asked to draft a sequence this device has never seen")
+            if state.key != key:  # drafted under other settings: nothing of it can be reused
+                state.truncate(state.committed)
+                state.key = key
+            else:
+                state.truncate(state.committed + state.drafted)
             states.append(state)
-        drafting = [row for row in range(b) if gammas[row] > 0]
-        if (
-            self.batched
-            and len(drafting) > 1
-            and len({seq_ids[row] for row in drafting}) == len(drafting)
-            and all(cache_is_batchable(states[row].cache) for row in drafting)
-        ):
-            for state in states:
-                self._restart_from_committed(state)
-            self._propose_padded(
-                [seq_ids[r] for r in drafting], [states[r] for r in drafting], [gammas[r] for r in drafting],
-                drafting, k, mode, temperature, seed, round_, ids_out, probs_out, lengths,
-            )
-            return make_reply(np.array(seq_ids, dtype=np.int64), lengths, ids_out, probs_out, self.vocab_size)
-        for row, (seq_id, gamma) in enumerate(zip(seq_ids, gammas)):
-            state = states[row]
-            self._restart_from_committed(state)
-            generator = sequence_generator(seed, round_, seq_id)
-            for j in range(int(gamma)):
-                q = self._next_distribution(state, temperature).unsqueeze(0)
-                ids, probs, drafted = sparsify(q, k, mode, generator)
-                ids_out[row, j] = ids[0].numpy()
-                probs_out[row, j] = probs[0].numpy()
-                state.tokens.append(int(drafted[0]))
-            lengths[row] = int(gamma)
-        return make_reply(np.array(seq_ids, dtype=np.int64), lengths, ids_out, probs_out, self.vocab_size)
+        missing = [max(0, g - st.drafted) for g, st in zip(gammas, states)]
+        self._extend(seq_ids, states, missing, key)
+        g_max = max(gammas, default=0)
+        b = len(seq_ids)
+        ids_out = np.zeros((b, g_max, k), dtype=np.int64)  # [B, G, K]
+        probs_out = np.zeros((b, g_max, k), dtype=np.float16)  # [B, G, K]
+        for row, (state, gamma) in enumerate(zip(states, gammas)):
+            for j in range(gamma):
+                ids_out[row, j], probs_out[row, j] = state.dists[state.committed + j]
+        return make_reply(np.array(seq_ids, dtype=np.int64), np.array(gammas, dtype=np.int32), ids_out, probs_out,
+                          self.vocab_size)
 
-    @staticmethod
-    def _restart_from_committed(state: _SequenceState) -> None:
-        """Drafting starts from the committed prefix, whatever was drafted before."""
-        if len(state.tokens) > state.committed:
-            state.tokens = state.tokens[: state.committed]
-            state.cache_len = crop_cache(state.cache, state.cache_len, state.committed)
+    def draft_ahead(self, seq_ids: Sequence[int], extra: int, stop: threading.Event | None = None) -> int:
+        """Draft ``extra`` more positions past every listed sequence's drafts, stopping early
+        between two forwards when ``stop`` is set; returns the positions drafted."""
+        rows = [(int(s), self._states[int(s)]) for s in seq_ids if int(s) in self._states]
+        rows = [(s, st) for s, st in rows if st.key is not None]
+        if not rows or extra <= 0:
+            return 0
+        done = self._extend([s for s, _ in rows], [st for _, st in rows], [extra] * len(rows), None, stop=stop)
+        for (_, st), n in zip(rows, done):
+            st.ahead += n
+        self._stats["proactive_positions"] += sum(done)
+        return sum(done)
+
+    def _extend(self, seq_ids: list[int], states: list[_SequenceState], counts: list[int], key: _DraftKey | None,
+                stop: threading.Event | None = None) -> list[int]:
+        """Draft ``counts[i]`` more positions at the end of ``states[i].tokens``; returns how many each got."""
+        todo = [i for i, n in enumerate(counts) if n > 0]
+        if not todo:
+            return [0] * len(states)
+        if (self.batched and len(todo) > 1
+                and all(cache_is_batchable(states[i].cache) for i in todo)):
+            got = self._extend_padded([seq_ids[i] for i in todo], [states[i] for i in todo],
+                                      [counts[i] for i in todo], stop)
+        else:
+            got = [self._extend_one(seq_ids[i], states[i], counts[i], stop) for i in todo]
+        out = [0] * len(states)
+        for i, n in zip(todo, got):
+            out[i] = n
+        return out
+
+    def _sample(self, seq_ids: Sequence[int], states: Sequence[_SequenceState], logits: torch.Tensor) -> list[int]:
+        """Sparsify one position of every row (``logits`` [R, V]), record it, append the drafted token."""
+        key = states[0].key
+        scale = key.temperature if key.temperature > 0 else 1.0
+        q = torch.softmax(logits[:, : self.vocab_size].float() / scale, dim=-1).cpu()  # [R, V]
+        uniforms = None
+        if key.mode != "greedy":
+            uniforms = torch.tensor([position_uniform(key.seed, s, len(st.tokens)) for s, st in zip(seq_ids, states)],
+                                    dtype=torch.float64)  # [R]
+        ids, probs, drafted = sparsify(q, key.k, key.mode, uniforms=uniforms)  # [R, K], [R, K], [R]
+        ids_np, probs_np = ids.numpy(), probs.numpy()
+        tokens = drafted.tolist()
+        for r, (state, token) in enumerate(zip(states, tokens)):
+            state.dists[len(state.tokens)] = (ids_np[r], probs_np[r])
+            state.tokens.append(int(token))
+        return tokens
 
     @torch.inference_mode()
-    def _propose_padded(self, seq_ids, states, gammas, out_rows, k, mode, temperature, seed, round_, ids_out, probs_out, lengths):
-        """One batched forward per draft step for all ``states`` (every gamma >= 1)."""
-        for state in states:
+    def _extend_one(self, seq_id: int, state: _SequenceState, count: int, stop: threading.Event | None) -> int:
+        for j in range(count):
+            if j and stop is not None and stop.is_set():
+                return j
             if state.cache_len >= len(state.tokens):
                 # every token is cached: recompute the last one to get its logits
                 state.cache_len = crop_cache(state.cache, state.cache_len, len(state.tokens) - 1)
-        pending = [state.tokens[state.cache_len :] for state in states]
-        g_max = max(gammas)
+            pending = torch.tensor([state.tokens[state.cache_len:]], dtype=torch.long, device=self.device)
+            # only the last position's distribution is needed: skip the vocabulary-sized head elsewhere
+            keep = {"logits_to_keep": 1} if pending.shape[1] > 1 and accepts_logits_to_keep(self.model) else {}
+            out, state.cache = forward_with_cache(self.model, state.cache, input_ids=pending, **keep)
+            self.forward_calls += 1
+            state.cache_len = len(state.tokens)
+            self._sample([seq_id], [state], out.logits[:, -1])
+        return count
+
+    @torch.inference_mode()
+    def _extend_padded(self, seq_ids: list[int], states: list[_SequenceState], counts: list[int],
+                       stop: threading.Event | None) -> list[int]:
+        """One batched forward per draft step for all ``states`` (every count >= 1)."""
+        for state in states:
+            if state.cache_len >= len(state.tokens):
+                state.cache_len = crop_cache(state.cache, state.cache_len, len(state.tokens) - 1)
+        feed = [state.tokens[state.cache_len:] for state in states]
         batch = PaddedBatch(
             [state.cache for state in states],
             [state.cache_len for state in states],
             device=self.device,
-            reserve=max(len(p) for p in pending) + g_max - 1,
+            reserve=max(len(p) for p in feed) + max(counts) - 1,
         )
-        generators = [sequence_generator(seed, round_, seq_id) for seq_id in seq_ids]
-        feed = pending
-        for j in range(g_max):
+        done = [0] * len(states)
+        for step in range(max(counts)):
+            if step and stop is not None and stop.is_set():
+                break
+            live = [i for i, toks in enumerate(feed) if toks]
             keep = [[len(toks) - 1] if toks else [] for toks in feed]
-            logits = batch.step(self.model, feed, keep)
+            logits = batch.step(self.model, feed, keep)  # [B, 1, V]
             self.forward_calls += 1
-            next_feed: list[list[int]] = []
-            for i, state in enumerate(states):
-                if not feed[i]:
-                    next_feed.append([])
-                    continue
-                q = self._distribution(logits[i, 0], temperature).unsqueeze(0)
-                ids, probs, drafted = sparsify(q, k, mode, generators[i])
-                row = out_rows[i]
-                ids_out[row, j] = ids[0].numpy()
-                probs_out[row, j] = probs[0].numpy()
-                token = int(drafted[0])
-                state.tokens.append(token)
-                next_feed.append([token] if j + 1 < gammas[i] else [])
-            feed = next_feed
+            live_t = torch.tensor(live, dtype=torch.long)
+            tokens = self._sample([seq_ids[i] for i in live], [states[i] for i in live], logits[live_t, 0])
+            feed = [[] for _ in states]
+            for i, token in zip(live, tokens):
+                done[i] += 1
+                if done[i] < counts[i]:
+                    feed[i] = [token]
             if not any(feed):
                 break
         for i, state in enumerate(states):
             state.cache = batch.row_cache(i)
             state.cache_len = batch.row_length(i)
-            lengths[out_rows[i]] = gammas[i]
+        return done
