@@ -29,6 +29,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: the most cohorts a run keeps in flight (``pipeline-depth``)
+MAX_PIPELINE_DEPTH = 8
+
+
 @dataclass
 class SpecFedConfig:
     # models
@@ -44,6 +48,8 @@ class SpecFedConfig:
     reconstruction: str = "exact"
     draft_sampling: str = "sparse"
     draft_selection: str = "auto"
+    draft_ahead: bool = True
+    pipeline_depth: str = "auto"
     temperature: float = 0.0
     seed: int = 0
     # workload
@@ -88,6 +94,10 @@ class SpecFedConfig:
             return "pick"  # paper-faithful: the client's own token against q_hat
         return "pick" if self.reconstruction == "exact" else "consensus"
 
+    def depth(self) -> int | None:
+        """``pipeline-depth`` as a number, or None for ``auto``."""
+        return None if self.pipeline_depth == "auto" else int(self.pipeline_depth)
+
     def exact(self) -> bool:
         """Whether the configured scheme provably keeps the target's distribution."""
         scheme = self.selection_scheme()
@@ -125,6 +135,14 @@ class SpecFedConfig:
         for name in ("round_timeout", "handshake_timeout", "node_wait_timeout", "uplink_mbps", "downlink_mbps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config key '{_kebab(name)}': must be > 0, got {getattr(self, name)}")
+        if self.pipeline_depth != "auto":
+            try:
+                depth = int(self.pipeline_depth)
+            except ValueError:
+                depth = 0
+            if not 1 <= depth <= MAX_PIPELINE_DEPTH or str(depth) != str(self.pipeline_depth).strip():
+                raise ConfigError(f"config key 'pipeline-depth': 'auto' or an integer in 1..{MAX_PIPELINE_DEPTH}, "
+                                  f"got {self.pipeline_depth!r}")
         if self.rtt_ms < 0:
             raise ConfigError(f"config key 'rtt-ms': must be >= 0, got {self.rtt_ms}")
         return self

@@ -25,7 +25,7 @@ from .specs import LoadedModel, load_draft_spec
 log = logging.getLogger("specfed_flwr")
 
 #: settings a SuperNode's node_config may set for its own device (kebab-case, like run config)
-NODE_KEYS = ("draft", "draft-quantization", "max-k", "max-gamma", "uplink-mbps", "downlink-mbps", "rtt-ms", "prompts")
+NODE_KEYS = ("draft", "draft-quantization", "draft-ahead", "max-k", "max-gamma", "uplink-mbps", "downlink-mbps", "rtt-ms", "prompts")
 
 
 def node_settings(server_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,6 +42,13 @@ def tokenizer_identity(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
 
     fp = tokenizer_fingerprint(tokenizer)
     return {"vocab_size": int(vocab_size), "vocab_sha256": str(fp["vocab_sha256"])}
+
+
+def _flag(value: Any) -> bool:
+    """A boolean node/run setting (Flower configs carry bools, strings or 0/1)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
 
 
 class DeviceRuntime:
@@ -70,13 +77,16 @@ class DeviceRuntime:
             HFDraftProposer(loaded.model, vocab_size=loaded.vocab_size),
             max_k=int(settings["max-k"]) if "max-k" in settings else None,
             max_gamma=int(settings["max-gamma"]) if "max-gamma" in settings else None,
+            draft_ahead=_flag(settings.get("draft-ahead", False)),
         )
         with self._lock:
             return self._clients.setdefault(key, client)
 
     def reset(self, key: tuple[Any, ...]) -> None:
         with self._lock:
-            self._clients.pop(key, None)
+            client = self._clients.pop(key, None)
+        if client is not None:
+            client.stop_ahead()
 
     def handshake(self, key: tuple[Any, ...], settings: Mapping[str, Any]) -> dict[str, Any]:
         self.reset(key)  # a new run starts from clean sequence state
@@ -101,7 +111,16 @@ class DeviceRuntime:
             info["prompts"] = load_prompts(str(prompts))
         return info
 
+    def stop_drafting_ahead(self) -> None:
+        """Every client of this process stops drafting ahead: they share its CPUs, and a request
+        that has arrived comes first."""
+        with self._lock:
+            clients = list(self._clients.values())
+        for client in clients:
+            client.stop_ahead()
+
     def draft(self, key: tuple[Any, ...], settings: Mapping[str, Any], request: DraftRequest):
+        self.stop_drafting_ahead()
         try:
             reply, metrics = self.client(key, settings).handle(request)
         except DraftStateError as exc:

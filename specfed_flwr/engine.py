@@ -148,6 +148,8 @@ class ClientStats:
     fault_kinds: dict[str, int] = field(default_factory=dict)  # kind (see ``fault_kind``) -> count
     resyncs: int = 0  # rounds the device answered without its draft state (whole sequences resent)
     resync_rounds: list[int] = field(default_factory=list)  # the rounds those were
+    proactive_hits: int = 0  # rows the device had drafted ahead when the request came (guess confirmed)
+    proactive_misses: int = 0  # rows whose drafts made ahead the device had to drop
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -163,6 +165,8 @@ class ClientStats:
             "fault_kinds": dict(self.fault_kinds),
             "resyncs": self.resyncs,
             "resync_rounds": list(self.resync_rounds),
+            "proactive_hits": self.proactive_hits,
+            "proactive_misses": self.proactive_misses,
         }
 
 
@@ -479,7 +483,10 @@ class Coordinator:
             stats.positions += int(replies[client].lengths.sum())
             stats.uplink_bytes += payload_bytes(replies[client])
             stats.topk_bytes += _topk_bytes(replies[client])
-            stats.draft_seconds += float(client_metrics.get(client, {}).get("draft_seconds", 0.0))
+            metrics = client_metrics.get(client, {})
+            stats.draft_seconds += float(metrics.get("draft_seconds", 0.0))
+            stats.proactive_hits += int(metrics.get("proactive_hits", 0) or 0)
+            stats.proactive_misses += int(metrics.get("proactive_misses", 0) or 0)
         for client, reason in faults.items():
             stats = self.client_stats.setdefault(client, ClientStats())
             stats.faults.append(f"round {self.round}: {reason}")
@@ -695,6 +702,8 @@ def summarize(
         "compression_vs_fp32_all_in": full_distribution_bytes(vocab_size, "float32") / per_position if per_position else None,
         "verify_seconds": sum(r.verify_seconds for r in rounds),
         "clients": {c: s.as_dict() for c, s in client_stats.items()},
+        "proactive_hits": sum(s.proactive_hits for s in client_stats.values()),
+        "proactive_misses": sum(s.proactive_misses for s in client_stats.values()),
         # per client: fault kind -> count, plus what the server did about it (events)
         "faults": {
             c: {**s.fault_kinds, **_event_kinds(s.events)}
@@ -758,6 +767,7 @@ class InProcessEngine:
                 HFDraftProposer(model, vocab_size=self.target.vocab_size),
                 max_k=self.config.max_k,
                 max_gamma=self.config.max_gamma,
+                draft_ahead=self.config.draft_ahead,
             )
         if eos_token_ids is None:
             eos_token_ids = default_eos_ids(target_model, tokenizer)

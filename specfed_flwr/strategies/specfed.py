@@ -140,6 +140,7 @@ class SpecFedStrategy(Strategy):
         return {
             "draft": cfg.draft,
             "draft-quantization": cfg.draft_quantization,
+            "draft-ahead": cfg.draft_ahead,
             "max-k": cfg.max_k,
             "max-gamma": cfg.max_gamma,
             "vocab_size": self.target.vocab_size,
@@ -261,7 +262,7 @@ class SpecFedStrategy(Strategy):
         pids = {name: info.get("pid") for name, info in infos.items()}
         last_metrics: dict[str, dict[str, Any]] = {}  # newest metrics of each node
         ephemeral: set[str] = set()  # nodes whose ClientApp process changes every message
-        extra = {"draft": cfg.draft, "draft-quantization": cfg.draft_quantization}
+        extra = {"draft": cfg.draft, "draft-quantization": cfg.draft_quantization, "draft-ahead": cfg.draft_ahead}
         while coordinator.has_work and coordinator.round < cfg.max_rounds:
             selected = [c for c in clients if benched.get(c, 0) <= coordinator.round + 1]
             for name in ephemeral:
