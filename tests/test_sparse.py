@@ -12,8 +12,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from specfed_flwr.aggregation import path_agreement, select_draft_path
 from specfed_flwr.reconstruction import reconstruct, reconstruct_sparse, temperature_for_top1
 from specfed_flwr.sparse import SparseQ, agreement, densify, from_dense, mix, q_at, sample, sum_min, zeros
+from specfed_flwr.verification import verify_sampling
 
 V = 40
 
@@ -115,6 +117,60 @@ def test_sum_min_and_agreement_match_brute_force():
         q = SparseQ(sq.ids.view(5, 3, 4), sq.values.view(5, 3, 4), sq.fill.view(5, 3), V)
         want = torch.minimum(p.unsqueeze(1), densify(q)).sum(-1)
         assert torch.allclose(agreement(p, q), want, atol=1e-6)
+
+
+def _paths_setup(b=5, c=3, g=3, k=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sq, _, _ = _client_q(b * c * g, k, seed=seed)
+    q = SparseQ(sq.ids.view(b, c, g, k), sq.values.view(b, c, g, k), sq.fill.view(b, c, g), V)
+    # drafted token: the client's top token, so clients partly agree
+    tokens = q.ids[..., 0].clone()
+    tokens[:, 1, 1:] = tokens[:, 0, 1:]
+    lengths = torch.randint(0, g + 1, (b, c), generator=gen)
+    lengths[0] = g
+    return tokens, q, lengths
+
+
+@pytest.mark.parametrize("scheme", ["pick", "vote", "consensus"])
+def test_sparse_and_dense_inputs_give_the_same_path(scheme):
+    tokens, q, lengths = _paths_setup()
+    w = torch.tensor([0.5, 0.3, 0.2])
+    sparse = select_draft_path(tokens, q, lengths, w, scheme, torch.Generator().manual_seed(3))
+    dense = select_draft_path(tokens, densify(q), lengths, w, scheme, torch.Generator().manual_seed(3))
+    if scheme != "consensus":  # consensus draws from M + 1 categories, a different stream per form
+        assert torch.equal(sparse.tokens, dense.tokens) and torch.equal(sparse.lengths, dense.lengths)
+        assert torch.allclose(densify(sparse.q_bar), densify(dense.q_bar), atol=1e-6)
+    # q_bar at each path position is the weighted mix of the clients still on the path
+    dq = densify(q)
+    for i in range(tokens.shape[0]):
+        active = (lengths[i] > 0) & (w > 0)
+        for j in range(int(sparse.lengths[i])):
+            active = active & (lengths[i] > j)
+            wn = w * active / (w * active).sum()
+            assert torch.allclose(densify(sparse.q_bar)[i, j], (wn.unsqueeze(1) * dq[i, :, j]).sum(0), atol=1e-6)
+            active = active & (tokens[i, :, j] == sparse.tokens[i, j])
+        assert densify(sparse.q_bar)[i, int(sparse.lengths[i]):].abs().sum() == 0
+
+
+def test_verify_sampling_sparse_equals_dense():
+    tokens, q, lengths = _paths_setup(seed=1)
+    path = select_draft_path(tokens, q, lengths, torch.tensor([0.4, 0.4, 0.2]), "pick", torch.Generator().manual_seed(0))
+    p = torch.softmax(torch.randn(5, 4, V, generator=torch.Generator().manual_seed(9)), dim=-1)
+    a = verify_sampling(p, path.q_bar, path.tokens, path.lengths, torch.Generator().manual_seed(4))
+    b = verify_sampling(p, densify(path.q_bar), path.tokens, path.lengths, torch.Generator().manual_seed(4))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.num_accepted, b.num_accepted)
+
+
+def test_path_agreement_matches_dense_agreement():
+    tokens, q, lengths = _paths_setup(seed=2)
+    path = select_draft_path(tokens, q, lengths, torch.tensor([0.4, 0.4, 0.2]), "vote")
+    logits = torch.randn(5, 4, V, generator=torch.Generator().manual_seed(1))
+    p = torch.softmax(logits, dim=-1)
+    alpha_bar, alpha_c = path_agreement(p, path.q_bar, q)
+    assert torch.allclose(alpha_bar, torch.minimum(p[:, :3], densify(path.q_bar)).sum(-1), atol=1e-5)
+    assert torch.allclose(alpha_c, torch.minimum(p[:, None, :3], densify(q)).sum(-1), atol=1e-5)
+    from_logits, none = path_agreement(logits, path.q_bar, logits=True)
+    assert none is None and torch.allclose(from_logits, alpha_bar, atol=1e-5)
 
 
 def test_from_dense_round_trip():
