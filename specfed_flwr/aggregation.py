@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .sparse import (SparseQ, agreement as sparse_agreement, from_dense, mix, q_at, sample, stack, sum_min,
+                     zeros as sparse_zeros)
+
 SCHEMES = ("consensus", "pick", "vote")
 
 
@@ -105,12 +108,17 @@ class BiasAwareWeights:
 class DraftPath:
     tokens: torch.Tensor  # [B, G] long (0 beyond lengths)
     lengths: torch.Tensor  # [B] long
-    q_bar: torch.Tensor  # [B, G, V] float: the distribution each path token is verified against
+    q_bar: SparseQ  # batch [B, G], M = C * K slots: the distribution each path token is verified against
+
+    def trimmed(self) -> "DraftPath":
+        """The path cut to its longest row (G = max(lengths)): positions nobody reached go."""
+        g = int(self.lengths.max()) if self.lengths.numel() else 0
+        return DraftPath(tokens=self.tokens[:, :g], lengths=self.lengths, q_bar=self.q_bar[:, :g])
 
 
 def select_draft_path(
     client_tokens: torch.Tensor,
-    client_q: torch.Tensor,
+    client_q: SparseQ | torch.Tensor,
     client_lengths: torch.Tensor,
     weights: torch.Tensor,
     scheme: str,
@@ -118,52 +126,79 @@ def select_draft_path(
 ) -> DraftPath:
     """Build each sequence's draft path from C clients' drafts.
 
-    ``client_tokens`` [B, C, G] drafted tokens, ``client_q`` [B, C, G, V] reconstructed q_hat,
-    ``client_lengths`` [B, C] drafted positions (0 = no draft from that client),
-    ``weights`` [C] or [B, C] non-negative.
+    ``client_tokens`` [B, C, G] drafted tokens; ``client_q`` the reconstructed q_hat, a SparseQ
+    of batch [B, C, G] (``reconstruction.reconstruct_sparse``; a dense [B, C, G, V] tensor is
+    accepted for tests and small vocabularies); ``client_lengths`` [B, C] drafted positions
+    (0 = no draft from that client); ``weights`` [C] or [B, C] non-negative.
+
+    Works on the sparse form only: per position the aggregate q_bar is the weighted mixture
+    of the active clients' q_hat (``sparse.mix``: the union of their K ids plus one fill
+    value), the consensus token is drawn from it (``sparse.sample``), pick and vote need only
+    the drafted tokens. Memory and time are O(B * C * G * K) (vote: O(B * C^2 * G)), with no
+    vocabulary axis.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown draft selection scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if isinstance(client_q, torch.Tensor):
+        client_q = from_dense(client_q)
     b, c, g = client_tokens.shape
-    v = client_q.shape[-1]
-    device = client_q.device
+    v = client_q.vocab_size
+    device = client_q.values.device
     client_tokens = client_tokens.long()
-    w = weights.to(device=device, dtype=torch.float32)
+    w = weights.to(device=device, dtype=torch.float32)  # [C] or [B, C]
     if w.dim() == 1:
-        w = w.unsqueeze(0).expand(b, c)
-    active = (client_lengths > 0) & (w > 0)
-    alive = torch.ones(b, dtype=torch.bool, device=device)
-    tokens = torch.zeros((b, g), dtype=torch.long, device=device)
-    lengths = torch.zeros(b, dtype=torch.long, device=device)
-    q_bar = torch.zeros((b, g, v), dtype=torch.float32, device=device)
+        w = w.unsqueeze(0).expand(b, c)  # [B, C]
+    active = (client_lengths > 0) & (w > 0)  # [B, C] drafted this far from the path's own prefix
+    alive = torch.ones(b, dtype=torch.bool, device=device)  # [B] the path goes on
+    tokens = torch.zeros((b, g), dtype=torch.long, device=device)  # [B, G]
+    lengths = torch.zeros(b, dtype=torch.long, device=device)  # [B]
+    q_bars: list[SparseQ] = []
     for j in range(g):
         active = active & (client_lengths > j)
-        w_act = w * active
-        total = w_act.sum(dim=1)
+        w_act = w * active  # [B, C]
+        total = w_act.sum(dim=1)  # [B]
         alive = alive & (total > 0)
         if not bool(alive.any()):
             break
-        w_norm = torch.where(alive.unsqueeze(1), w_act / total.clamp_min(1e-30).unsqueeze(1), torch.zeros_like(w_act))
-        q_j = torch.einsum("bc,bcv->bv", w_norm, client_q[:, :, j].float())
-        drafted_j = client_tokens[:, :, j]
-        safe_rows = torch.where(alive.unsqueeze(1), q_j, torch.full_like(q_j, 1.0 / v))
+        w_norm = torch.where(alive.unsqueeze(1), w_act / total.clamp_min(1e-30).unsqueeze(1),
+                             torch.zeros_like(w_act))  # [B, C]
+        q_j = mix(client_q[:, :, j], w_norm)  # batch [B]: q_bar at position j (all-zero on dead rows)
+        drafted_j = client_tokens[:, :, j]  # [B, C]
         if scheme == "consensus":
-            token = torch.multinomial(safe_rows, 1, generator=generator).squeeze(1)
+            token = sample(_with_uniform_rows(q_j, ~alive), generator)  # [B]
         elif scheme == "pick":
-            pick_w = torch.where(alive.unsqueeze(1), w_norm, torch.full_like(w_norm, 1.0 / c))
-            chosen = torch.multinomial(pick_w, 1, generator=generator)
-            token = drafted_j.gather(1, chosen).squeeze(1)
+            pick_w = torch.where(alive.unsqueeze(1), w_norm, torch.full_like(w_norm, 1.0 / c))  # [B, C]
+            chosen = torch.multinomial(pick_w, 1, generator=generator)  # [B, 1]
+            token = drafted_j.gather(1, chosen).squeeze(1)  # [B]
         else:  # vote
-            votes = torch.zeros((b, v), dtype=torch.float32, device=device)
-            votes.scatter_add_(1, drafted_j.clamp(0, v - 1), w_norm)
+            same = drafted_j.unsqueeze(2) == drafted_j.unsqueeze(1)  # [B, C, C]
+            votes = (same.float() * w_norm.unsqueeze(1)).sum(dim=2)  # [B, C] weight behind client c's token
             # q_bar breaks ties between equally weighted drafted tokens
-            token = (votes + 1e-6 * safe_rows).argmax(dim=1)
+            score = torch.where(w_norm > 0, votes + 1e-6 * q_at(q_j[:, None], drafted_j),
+                                torch.full_like(votes, float("-inf")))  # [B, C]
+            token = drafted_j.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)  # [B]
         token = torch.where(alive, token, torch.zeros_like(token))
         tokens[:, j] = token
-        q_bar[:, j] = torch.where(alive.unsqueeze(1), q_j, torch.zeros_like(q_j))
+        q_bars.append(q_j)
         lengths = lengths + alive.long()
         active = active & (drafted_j == token.unsqueeze(1))
+    slots = client_q.ids.shape[-1] * (c if c > 1 else 1)  # what ``mix`` returns
+    while len(q_bars) < g:  # the path ended early everywhere: all-zero positions
+        q_bars.append(sparse_zeros((b,), slots, v, device))
+    q_bar = stack(q_bars, dim=1) if q_bars else sparse_zeros((b, 0), slots, v, device)  # batch [B, G]
     return DraftPath(tokens=tokens, lengths=lengths, q_bar=q_bar)
+
+
+def _with_uniform_rows(q: SparseQ, rows: torch.Tensor) -> SparseQ:
+    """``q`` (batch [B]) with the ``rows`` [B] bool replaced by the uniform distribution, so that
+    every row can be sampled (a dead row's token is discarded)."""
+    r = rows.unsqueeze(1)  # [B, 1]
+    return SparseQ(
+        ids=torch.where(r, torch.full_like(q.ids, -1), q.ids),  # [B, M]
+        values=torch.where(r, torch.zeros_like(q.values), q.values),  # [B, M]
+        fill=torch.where(rows, torch.full_like(q.fill, 1.0 / q.vocab_size), q.fill),  # [B]
+        vocab_size=q.vocab_size,
+    )
 
 
 def prefix_match(
@@ -188,5 +223,36 @@ def prefix_match(
 
 
 def agreement(target_probs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """sum_x min(p(x), q(x)) along the last axis: the acceptance probability alpha of q against p."""
+    """sum_x min(p(x), q(x)) along the last axis: the acceptance probability alpha of q against p (dense)."""
     return torch.minimum(target_probs, q).sum(dim=-1)
+
+
+def path_agreement(
+    target: torch.Tensor,
+    q_bar: SparseQ,
+    client_q: SparseQ | None = None,
+    *,
+    logits: bool = False,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Measured agreement sum_x min(p(x), q(x)) at every path position, from the sparse form.
+
+    ``target`` [B, G', V] (G' >= G): the target's probabilities p, or its logits when
+    ``logits`` (then p = softmax(logits / temperature), one position at a time, so greedy mode
+    never holds a dense probability tensor); ``q_bar`` batch [B, G] (the path's aggregate);
+    ``client_q`` batch [B, C, G] or None -> (alpha of q_bar [B, G], alpha of each client's
+    q_hat [B, C, G] or None). The only vocabulary-sized temporaries are [B, V]; the fills of all
+    C + 1 distributions share one pass over p (``sparse.sum_min``).
+    """
+    b, g = q_bar.shape
+    c = client_q.shape[1] if client_q is not None else 0
+    alpha_bar = torch.zeros((b, g), dtype=torch.float32)  # [B, G]
+    alpha_clients = torch.zeros((b, c, g), dtype=torch.float32) if client_q is not None else None  # [B, C, G]
+    for j in range(g):
+        p_j = torch.softmax(target[:, j].float() / temperature, dim=-1) if logits else target[:, j]  # [B, V]
+        fills = [q_bar.fill[:, j : j + 1]] + ([client_q.fill[:, :, j]] if client_q is not None else [])
+        min_fill = sum_min(p_j, torch.cat(fills, dim=1))  # [B, 1 + C]
+        alpha_bar[:, j] = sparse_agreement(p_j, q_bar[:, j : j + 1], min_fill[:, :1])[:, 0]
+        if client_q is not None:
+            alpha_clients[:, :, j] = sparse_agreement(p_j, client_q[:, :, j], min_fill[:, 1:])
+    return alpha_bar, alpha_clients

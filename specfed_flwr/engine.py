@@ -3,9 +3,11 @@
 One round for every active sequence:
   plan_round      -> a ``DraftRequest`` per client (accepted delta, gamma, K)
   (transport: direct call, Flower simulation or deployment engine)
-  complete_round  -> reconstruct q_hat per client and position, build the draft path from the
-                     bias-aware weighted drafts, ONE target forward per sequence, verify,
-                     commit, update weights, report.
+  complete_round  -> validate replies, gather drafts (q_hat per client and position in sparse
+                     closed form: K ids + K values + one fill, never a vocabulary axis per
+                     client), select the draft path from the bias-aware weighted drafts, score
+                     it (ONE target forward for all sequences), verify, observe agreement
+                     (weights), commit, and build the round's report.
 
 A sequence nobody drafted still advances by one target token per round, so the server
 finishes its sequences even when every client is gone.
@@ -21,14 +23,16 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .aggregation import BiasAwareWeights, WeightingConfig, agreement, prefix_match, select_draft_path
+from .aggregation import (BiasAwareWeights, DraftPath, WeightingConfig, path_agreement, prefix_match,
+                          select_draft_path)
 from .client_core import DraftClient
 from .config import SpecFedConfig
 from .protocol import DraftRequest
-from .reconstruction import reconstruct
+from .reconstruction import reconstruct_sparse
+from .sparse import SparseQ, zeros as sparse_zeros
 from .target import TargetVerifier
 from .theory import AdaptiveController, ControllerConfig, LinkProfile
-from .verification import verify_greedy, verify_sampling
+from .verification import VerificationResult, verify_greedy, verify_sampling
 from .wire import DraftReply, full_distribution_bytes, payload_bytes
 
 log = logging.getLogger("specfed_flwr")
@@ -131,6 +135,18 @@ class RoundReport:
 
 
 @dataclass
+class RoundDrafts:
+    """One round's valid drafts as tensors (rows = active sequences, columns = replying clients)."""
+
+    clients: list[str]
+    tokens: torch.Tensor  # [B, C, G] long: drafted tokens (0 beyond lengths)
+    lengths: torch.Tensor  # [B, C] long: drafted positions (0 = no draft)
+    q: SparseQ  # batch [B, C, G], M = max K: reconstructed q_hat, all-zero where nothing was drafted
+    kept_mass: dict[str, np.ndarray]  # client -> [N] kept mass S of each position it drafted
+    weights: torch.Tensor  # [C] float32: bias-aware weights this round (before observing it)
+
+
+@dataclass
 class ClientStats:
     rounds_asked: int = 0
     rounds_replied: int = 0
@@ -230,7 +246,6 @@ class Coordinator:
         self.client_settings = dict(client_settings or {})
         self.client_links: dict[str, LinkProfile] = {}
         self.controllers: dict[str, AdaptiveController] = {}
-        self._last_agreement: dict[str, float] = {}
         self.client_stats: dict[str, ClientStats] = {}
         self.round = 0
         self._next_seq_id = 1
@@ -456,11 +471,62 @@ class Coordinator:
     ) -> RoundReport:
         """Verify this round's drafts and commit the accepted tokens.
 
+        The round runs as named steps, each a small pure-ish function of the previous one's
+        output: validate replies -> gather drafts (sparse q_hat per client) -> select the draft
+        path -> score it on the target (one forward) -> verify (accept test) -> observe
+        agreement (client weights) -> commit. Nothing in it builds a tensor with both a client
+        and a vocabulary axis: per-client state is K ids + K values + one fill per position
+        (``sparse.py``); the only vocabulary-sized tensors are the target's [B, G+1, V]
+        logits and probabilities.
+
         ``round_seconds``: wall time of the round's message exchange, when the transport knows
         it (feeds the adaptive controller's per-round cost)."""
         started = time.perf_counter()
-        faults = dict(faults or {})
         client_metrics = client_metrics or {}
+        valid, faults = self._validate_replies(replies, dict(faults or {}), client_metrics)
+        seqs = list(self._active.values())
+        drafts = self._gather_drafts(seqs, valid)
+        path = self._select_path(drafts)
+        logits, probs, verify_seconds = self._score(seqs, path)
+        result = self._verify(logits, probs, path)
+        alpha_bar, agreements = self._observe_agreement(drafts, path, logits, probs)
+        emitted, finished = self._commit(seqs, path, result, alpha_bar)
+
+        drafted = int(path.lengths.sum())
+        valid_pos = torch.arange(path.tokens.shape[1]).unsqueeze(0) < path.lengths.unsqueeze(1)  # [B, G]
+        report = RoundReport(
+            round=self.round,
+            active_sequences=len(seqs),
+            clients_asked=len(self._planned),
+            clients_replied=len(valid),
+            drafted=drafted,
+            accepted=int(result.num_accepted.sum()),
+            emitted=emitted,
+            alpha=float(alpha_bar[valid_pos].mean()) if drafted else None,
+            verify_seconds=verify_seconds,
+            server_seconds=time.perf_counter() - started,
+            uplink_bytes=sum(payload_bytes(r) for r in valid.values()),
+            downlink_bytes=sum(r.nbytes() for r in self._planned.values()),
+            finished=finished,
+            faults=faults,
+            weights={cl: float(w) for cl, w in zip(drafts.clients, drafts.weights.tolist())},
+            exchange_seconds=round_seconds,
+        )
+        if self.config.adaptive:
+            self._adapt(report, valid, client_metrics, agreements, round_seconds)
+        self._check_weights(valid)
+        self._planned = {}
+        self.rounds.append(report)
+        return report
+
+    # ---- the steps of one round -------------------------------------------------------------
+    def _validate_replies(
+        self, replies: dict[str, DraftReply], faults: dict[str, str], client_metrics: dict[str, dict[str, Any]]
+    ) -> tuple[dict[str, DraftReply], dict[str, str]]:
+        """Keep the replies that answer what was asked; every other planned client gets a fault.
+
+        Updates the per-client stats (asked, replied, bytes, positions, draft time, faults) and
+        what each client now holds of every sequence (it applied the round's deltas)."""
         valid: dict[str, DraftReply] = {}
         for client, request in self._planned.items():
             stats = self.client_stats.setdefault(client, ClientStats())
@@ -497,88 +563,113 @@ class Coordinator:
                 self.hit_limit(limit, f"{client}: {reason}")
             if client in self._planned and client not in valid:
                 log.warning("round %d: %s dropped: %s", self.round, client, reason)
+        return valid, faults
 
-        seqs = list(self._active.values())
-        clients = list(valid)
-        report = self._verify(seqs, clients, valid)
-        report.faults = faults
-        report.exchange_seconds = round_seconds
-        report.server_seconds = time.perf_counter() - started
-        report.uplink_bytes = sum(payload_bytes(r) for r in valid.values())
-        report.downlink_bytes = sum(r.nbytes() for r in self._planned.values())
-        report.clients_asked = len(self._planned)
-        report.clients_replied = len(valid)
-        if self.config.adaptive:
-            self._adapt(report, valid, client_metrics, self._last_agreement, round_seconds)
-        self._check_weights(valid)
-        self._planned = {}
-        self.rounds.append(report)
-        return report
+    def _gather_drafts(self, seqs: list[_Sequence], replies: dict[str, DraftReply]) -> RoundDrafts:
+        """The valid replies as tensors: rows = active sequences, columns = replying clients.
 
-    def _verify(self, seqs: list[_Sequence], clients: list[str], replies: dict[str, DraftReply]) -> RoundReport:
-        cfg = self.config
+        Each client's K ids + probabilities are reconstructed in closed form
+        (``reconstruct_sparse``), one call per client over all its drafted positions; nothing
+        here has a vocabulary axis."""
+        clients = list(replies)
         b, c, v = len(seqs), len(clients), self.vocab_size
-        self._last_agreement = {}
         g = max([int(r.lengths.max()) if r.lengths.size else 0 for r in replies.values()], default=0)
-        client_tokens = torch.zeros((b, c, g), dtype=torch.long)
-        client_lengths = torch.zeros((b, c), dtype=torch.long)
-        client_q = torch.zeros((b, c, g, v), dtype=torch.float32)
-        kept: dict[str, list[np.ndarray]] = {cl: [] for cl in clients}
+        slots = max([r.k for r in replies.values()], default=1)
+        tokens = torch.zeros((b, c, g), dtype=torch.long)  # [B, C, G] drafted tokens
+        lengths = torch.zeros((b, c), dtype=torch.long)  # [B, C] drafted positions
+        q = sparse_zeros((b, c, g), slots, v)  # batch [B, C, G], M = max K: q_hat (all-zero where not drafted)
+        kept: dict[str, np.ndarray] = {}
         row_of = {s.seq_id: i for i, s in enumerate(seqs)}
         for ci, client in enumerate(clients):
             reply = replies[client]
-            for r, seq_id in enumerate(reply.seq_ids.tolist()):
-                length = int(reply.lengths[r])
-                if length == 0 or seq_id not in row_of:
-                    continue
-                row = row_of[seq_id]
-                ids = torch.from_numpy(reply.token_ids[r, :length].astype(np.int64))
-                probs = torch.from_numpy(reply.probs[r, :length].astype(np.float32))
-                client_tokens[row, ci, :length] = ids[:, 0]
-                client_lengths[row, ci] = length
-                client_q[row, ci, :length] = reconstruct(ids, probs, v, cfg.reconstruction)
-                kept[client].append(probs.sum(dim=1).numpy())
-        weights = torch.from_numpy(self.weights.weights(clients)).float() if c else torch.zeros(0)
-        path = select_draft_path(client_tokens, client_q, client_lengths, weights, cfg.selection_scheme(), self._generator)
-        paths = [path.tokens[i, : int(path.lengths[i])].tolist() for i in range(b)]
+            rows = np.array([row_of.get(int(s), -1) for s in reply.seq_ids], dtype=np.int64)  # [B_r]
+            drafted = reply.valid_mask() & (rows >= 0)[:, None]  # [B_r, G_r]
+            r_idx, j_idx = np.nonzero(drafted)  # [N] each: the drafted (row, position) pairs
+            kept[client] = np.zeros(0, dtype=np.float32)
+            if not r_idx.size:
+                continue
+            ids = torch.from_numpy(reply.token_ids[r_idx, j_idx].astype(np.int64))  # [N, K_r]
+            probs = torch.from_numpy(reply.probs[r_idx, j_idx].astype(np.float32))  # [N, K_r]
+            q_hat = reconstruct_sparse(ids, probs, v, self.config.reconstruction)  # batch [N], M = K_r
+            at_b, at_j = torch.from_numpy(rows[r_idx]), torch.from_numpy(j_idx)  # [N], [N]
+            tokens[at_b, ci, at_j] = ids[:, 0]
+            q.ids[at_b, ci, at_j, : ids.shape[1]] = q_hat.ids
+            q.values[at_b, ci, at_j, : ids.shape[1]] = q_hat.values
+            q.fill[at_b, ci, at_j] = q_hat.fill
+            answered = rows >= 0
+            lengths[torch.from_numpy(rows[answered]), ci] = torch.from_numpy(reply.lengths[answered].astype(np.int64))
+            kept[client] = probs.sum(dim=1).numpy()
+        weights = torch.from_numpy(self.weights.weights(clients)).float() if c else torch.zeros(0)  # [C]
+        return RoundDrafts(clients=clients, tokens=tokens, lengths=lengths, q=q, kept_mass=kept, weights=weights)
+
+    def _select_path(self, drafts: RoundDrafts) -> DraftPath:
+        """The draft path each sequence verifies (scheme: ``config.selection_scheme()``), cut to
+        its longest row so the target scores no position that nobody reached."""
+        path = select_draft_path(drafts.tokens, drafts.q, drafts.lengths, drafts.weights,
+                                 self.config.selection_scheme(), self._generator)
+        return path.trimmed()
+
+    def _score(self, seqs: list[_Sequence], path: DraftPath) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """ONE target forward over every sequence's path: the logits [B, G+1, V], in sampling
+        mode also the probabilities at the sampling temperature [B, G+1, V] (None in greedy
+        mode, which needs only the argmax), and the seconds the forward took."""
+        g = path.tokens.shape[1]
+        paths = [path.tokens[i, : int(path.lengths[i])].tolist() for i in range(len(seqs))]
         verify_started = time.perf_counter()
-        logits = self.target.score_batch([s.seq_id for s in seqs], paths)
+        logits = self.target.score_batch([s.seq_id for s in seqs], paths)  # [B, G'+1, V], G' = longest path
         verify_seconds = time.perf_counter() - verify_started
-        if logits.shape[1] < g + 1:
-            # every path came out shorter than the widest reply (e.g. all drafters disagreed at
-            # position 0): pad to the reply width; positions past a path's length are masked
-            pad = logits.new_zeros((logits.shape[0], g + 1 - logits.shape[1], logits.shape[2]))
-            logits = torch.cat([logits, pad], dim=1)
-        temperature = cfg.temperature if cfg.temperature > 0 else 1.0
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if cfg.greedy:
-            result = verify_greedy(logits, path.tokens, path.lengths)
+        logits = logits[:, : g + 1]  # [B, G+1, V] (a wrapped scorer may pad wider)
+        if self.config.greedy:
+            return logits, None, verify_seconds
+        temperature = self.config.temperature
+        probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # [B, G+1, V]
+        return logits, probs, verify_seconds
+
+    def _verify(self, logits: torch.Tensor, probs: torch.Tensor | None, path: DraftPath) -> VerificationResult:
+        """The accept test: greedy (target argmax) or speculative sampling against q_bar."""
+        if probs is None:
+            return verify_greedy(logits, path.tokens, path.lengths)
+        return verify_sampling(probs, path.q_bar, path.tokens, path.lengths, self._generator)
+
+    def _observe_agreement(
+        self, drafts: RoundDrafts, path: DraftPath, logits: torch.Tensor, probs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Measure alpha of q_bar per path position ([B, G]) and fold each client's agreement,
+        at the path positions it drafted from the path's own prefix, into its bias-aware weight.
+
+        Greedy: a drafted token is accepted iff it is the target's argmax, so that indicator is
+        the client's acceptance rate (sum min(p, q_hat) would judge a correct but flat draft as
+        bad and a confident wrong one as fair); alpha of q_bar is still measured, against
+        softmax(logits). Sampling: sum_x min(p(x), q_hat(x)), from the sparse form. Returns
+        (alpha_bar [B, G], mean agreement per client this round)."""
+        g = path.tokens.shape[1]
+        tokens = drafts.tokens[:, :, :g]  # [B, C, G]
+        greedy = probs is None
+        if greedy:
+            alpha_bar, client_alpha = path_agreement(logits, path.q_bar, logits=True)
         else:
-            result = verify_sampling(probs, path.q_bar, path.tokens, path.lengths, self._generator)
-
-        # measured agreement: per client at the positions it drafted on the path, and of q_bar
-        valid_pos = torch.arange(g).unsqueeze(0) < path.lengths.unsqueeze(1)  # [B, G]
-        alpha_bar = agreement(probs[:, :g], path.q_bar) if g else torch.zeros((b, 0))
-        matched = prefix_match(client_tokens, client_lengths, path.tokens, path.lengths)
-        # greedy: a drafted token is accepted iff it is the target's argmax, so that indicator is
-        # the client's acceptance rate (sum min(p, q_hat) would judge a correct but flat draft
-        # as bad and a confident wrong one as fair)
-        target_top = logits[:, :g].argmax(dim=-1) if (cfg.greedy and g) else None
-        for ci, client in enumerate(clients):
-            mask = matched[:, ci, :]
-            if not g:
-                values = torch.zeros(0)
-            elif target_top is not None:
-                values = (client_tokens[:, ci] == target_top).float()[mask]
+            alpha_bar, client_alpha = path_agreement(probs, path.q_bar, drafts.q[:, :, :g])
+        matched = prefix_match(tokens, drafts.lengths, path.tokens, path.lengths)  # [B, C, G]
+        target_top = logits[:, :g].argmax(dim=-1) if greedy else None  # [B, G]
+        agreements: dict[str, float] = {}
+        for ci, client in enumerate(drafts.clients):
+            mask = matched[:, ci, :]  # [B, G]
+            if target_top is not None:
+                values = (tokens[:, ci] == target_top).float()[mask]
             else:
-                values = agreement(probs[:, :g], client_q[:, ci])[mask]
-            mass = np.concatenate(kept[client]) if kept[client] else np.zeros(0)
-            self.weights.observe(client, values.numpy(), mass)
+                values = client_alpha[:, ci][mask]
+            self.weights.observe(client, values.numpy(), drafts.kept_mass.get(client, np.zeros(0)))
             if values.numel():
-                self._last_agreement[client] = float(values.mean())
+                agreements[client] = float(values.mean())
+        return alpha_bar, agreements
 
-        drafted = int(path.lengths.sum())
-        accepted = int(result.num_accepted.sum())
+    def _commit(
+        self, seqs: list[_Sequence], path: DraftPath, result: VerificationResult, alpha_bar: torch.Tensor
+    ) -> tuple[int, list[SequenceResult]]:
+        """Append each sequence's accepted drafts and correction/bonus token (up to its budget,
+        stopping at EOS), crop the target's cache, and finish sequences. Returns (tokens
+        emitted, sequences finished this round)."""
+        valid_pos = torch.arange(path.tokens.shape[1]).unsqueeze(0) < path.lengths.unsqueeze(1)  # [B, G]
         emitted = 0
         finished: list[SequenceResult] = []
         for i, seq in enumerate(seqs):
@@ -605,24 +696,7 @@ class Coordinator:
                 self.hit_limit("max_new_tokens", f"sequence {seq.index} stopped at {seq.max_new_tokens} new tokens")
             if reason is not None:
                 finished.append(self._finish(seq, reason))
-        mean_alpha = float(alpha_bar[valid_pos].mean()) if drafted else None
-        return RoundReport(
-            round=self.round,
-            active_sequences=b,
-            clients_asked=0,
-            clients_replied=0,
-            drafted=drafted,
-            accepted=accepted,
-            emitted=emitted,
-            alpha=mean_alpha,
-            verify_seconds=verify_seconds,
-            server_seconds=0.0,
-            uplink_bytes=0,
-            downlink_bytes=0,
-            finished=finished,
-            faults={},
-            weights={cl: float(w) for cl, w in zip(clients, weights.tolist())},
-        )
+        return emitted, finished
 
     def _finish(self, seq: _Sequence, reason: str) -> SequenceResult:
         del self._active[seq.seq_id]

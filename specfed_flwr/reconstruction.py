@@ -1,8 +1,8 @@
-"""Server-side reconstruction of a dense draft distribution q_hat from K ids + K probabilities.
+"""Server-side reconstruction of a draft distribution q_hat from K ids + K probabilities.
 
 A client sends, per drafted position, K token ids and their draft probabilities (kept mass
-S = sum of the K). The server must turn that into a full distribution over the vocabulary to
-run the accept test. Three rules:
+S = sum of the K). The server must infer from that a distribution over the whole vocabulary
+to run the accept test. Three rules:
 
 ``uniform`` (uniform diffusion)
     Kept tokens keep their probability; the missing mass 1 - S is spread evenly over the
@@ -24,12 +24,21 @@ run the accept test. Three rules:
     token from exactly this sparse distribution (``draft_sampling="sparse"``), q_hat *is* the
     draft distribution and verification is lossless.
 
-All rules are pure tensor functions: ``[N, K]`` ids and probabilities in, ``[N, V]`` out.
+Every rule gives all tokens the client did not send the same probability (uniform: the
+normalised (1 - S)/(V - K); temperature and exact: 0), so ``reconstruct_sparse`` returns q_hat
+in closed form as a :class:`~specfed_flwr.sparse.SparseQ`: the K ids, q_hat at them, and that
+one "fill" value -- ``[N, K]`` + ``[N]`` instead of ``[N, V]``. The server works on this form
+only (see ``sparse.py``); ``reconstruct`` densifies it, for tests and offline analysis.
+
+All rules are pure tensor functions. The K ids of a row must be distinct (the wire decoder
+refuses a reply that repeats an id at a position).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .sparse import SparseQ, densify
 
 RULES = ("uniform", "temperature", "exact")
 
@@ -39,42 +48,43 @@ _MAX_LOG_TAU = 12.0  # tau up to e^12: flat enough for any K we allow
 
 def reconstruct(ids: torch.Tensor, probs: torch.Tensor, vocab_size: int, rule: str) -> torch.Tensor:
     """Dense ``[N, V]`` float32 q_hat from ``[N, K]`` token ids and probabilities."""
+    return densify(reconstruct_sparse(ids, probs, vocab_size, rule))
+
+
+def reconstruct_sparse(ids: torch.Tensor, probs: torch.Tensor, vocab_size: int, rule: str) -> SparseQ:
+    """q_hat of ``[N, K]`` ids and probabilities as a SparseQ of batch [N] with M = K slots."""
     if rule not in RULES:
         raise ValueError(f"unknown reconstruction rule {rule!r}; choose one of {', '.join(RULES)}")
-    ids = ids.long()
-    probs = probs.float().clamp_min(0.0)
+    ids = ids.long()  # [N, K]
+    probs = probs.float().clamp_min(0.0)  # [N, K]
     if rule == "uniform":
-        return reconstruct_uniform(ids, probs, vocab_size)
-    if rule == "exact":
-        return reconstruct_exact(ids, probs, vocab_size)
-    return reconstruct_temperature(ids, probs, vocab_size)
-
-
-def _scatter(ids: torch.Tensor, values: torch.Tensor, vocab_size: int, fill: torch.Tensor | float) -> torch.Tensor:
-    n = ids.shape[0]
-    if isinstance(fill, torch.Tensor):
-        out = fill.reshape(n, 1).expand(n, vocab_size).clone()
+        values, fill = uniform_closed_form(probs, vocab_size)
+    elif rule == "exact":
+        values, fill = exact_closed_form(probs)
     else:
-        out = torch.full((n, vocab_size), float(fill), dtype=torch.float32, device=ids.device)
-    return out.scatter_(1, ids, values)
+        values, fill = temperature_closed_form(probs, vocab_size)
+    return SparseQ(ids=ids, values=values, fill=fill, vocab_size=int(vocab_size))
 
 
-def reconstruct_exact(ids: torch.Tensor, probs: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    kept = probs.sum(dim=1, keepdim=True)
+def exact_closed_form(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Renormalised top-K, 0 elsewhere: probs [N, K] -> (values [N, K], fill [N])."""
+    kept = probs.sum(dim=1, keepdim=True)  # [N, 1]
     # A row with no mass cannot have been sampled from; keep it all-zero so it is never used.
-    normalised = torch.where(kept > 0, probs / kept.clamp_min(torch.finfo(torch.float32).tiny), probs)
-    return _scatter(ids, normalised, vocab_size, 0.0)
+    values = torch.where(kept > 0, probs / kept.clamp_min(torch.finfo(torch.float32).tiny), probs)  # [N, K]
+    return values, probs.new_zeros(probs.shape[0])
 
 
-def reconstruct_uniform(ids: torch.Tensor, probs: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    k = ids.shape[1]
-    kept = probs.sum(dim=1)
-    if k >= vocab_size:
-        return _scatter(ids, probs / kept.clamp_min(1e-30).unsqueeze(1), vocab_size, 0.0)
-    fill = (1.0 - kept).clamp_min(0.0) / (vocab_size - k)
-    q = _scatter(ids, probs, vocab_size, fill)
-    # float16 rounding can push S a hair above 1: renormalise so q_hat is a distribution.
-    return q / q.sum(dim=1, keepdim=True)
+def uniform_closed_form(probs: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept probabilities as sent, (1 - S)/(V - K) on each other token, then normalised by
+    Z = S + max(0, 1 - S) (float16 rounding can push S a hair above 1): probs [N, K] ->
+    (values [N, K], fill [N])."""
+    k = probs.shape[1]
+    kept = probs.sum(dim=1)  # [N]
+    if k >= vocab_size:  # every token was sent: nothing to diffuse
+        return probs / kept.clamp_min(1e-30).unsqueeze(1), probs.new_zeros(probs.shape[0])
+    fill = (1.0 - kept).clamp_min(0.0) / (vocab_size - k)  # [N]
+    total = kept + fill * (vocab_size - k)  # [N]  Z
+    return probs / total.unsqueeze(1), fill / total
 
 
 def temperature_for_top1(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,14 +107,16 @@ def temperature_for_top1(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return ((lo + hi) / 2).exp(), solvable
 
 
-def reconstruct_temperature(ids: torch.Tensor, probs: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    tau, solvable = temperature_for_top1(probs)
-    positive = probs > 0
-    logp = torch.where(positive, probs.clamp_min(1e-38).log(), torch.full_like(probs, float("-inf")))
-    flattened = torch.softmax(logp / tau.unsqueeze(1), dim=1)
-    flattened = torch.nan_to_num(flattened, nan=0.0)
-    scaled = _scatter(ids, flattened, vocab_size, 0.0)
+def temperature_closed_form(probs: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(log p_kept / tau) on the kept tokens, 0 elsewhere; uniform diffusion on the rows
+    where no tau >= 1 reaches p_1: probs [N, K] -> (values [N, K], fill [N])."""
+    tau, solvable = temperature_for_top1(probs)  # [N], [N]
+    positive = probs > 0  # [N, K]
+    logp = torch.where(positive, probs.clamp_min(1e-38).log(), torch.full_like(probs, float("-inf")))  # [N, K]
+    flattened = torch.nan_to_num(torch.softmax(logp / tau.unsqueeze(1), dim=1), nan=0.0)  # [N, K]
     if bool(solvable.all()):
-        return scaled
-    fallback = reconstruct_uniform(ids, probs, vocab_size)
-    return torch.where(solvable.unsqueeze(1), scaled, fallback)
+        return flattened, probs.new_zeros(probs.shape[0])
+    fallback_values, fallback_fill = uniform_closed_form(probs, vocab_size)
+    values = torch.where(solvable.unsqueeze(1), flattened, fallback_values)  # [N, K]
+    fill = torch.where(solvable, torch.zeros_like(fallback_fill), fallback_fill)  # [N]
+    return values, fill

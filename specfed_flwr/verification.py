@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sparse import SparseQ, densify, q_at
+
 
 @dataclass
 class VerificationResult:
@@ -72,44 +74,65 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor, lengt
 
 def verify_sampling(
     target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
+    draft_probs: SparseQ | torch.Tensor,
     draft_tokens: torch.Tensor,
     lengths: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> VerificationResult:
-    """``target_probs`` [B, G+1, V], ``draft_probs`` [B, G, V], ``draft_tokens`` [B, G], ``lengths`` [B]."""
+    """``target_probs`` [B, G+1, V], ``draft_probs`` the distribution each draft token was drawn
+    from: a SparseQ of batch [B, G] (what the server has, see ``sparse.py``) or a dense [B, G, V]
+    tensor; ``draft_tokens`` [B, G], ``lengths`` [B].
+
+    The accept test needs q only at the drafted tokens ([B, G]) and the residual
+    norm(max(0, p - q)) only at each row's first rejection, so at most one dense [B, V] row of q
+    is ever built.
+    """
     draft_tokens = draft_tokens.long()
     lengths = lengths.long()
     b, g = draft_tokens.shape
     device = target_probs.device
     if g > 0:
-        safe_tokens = draft_tokens.clamp_min(0).unsqueeze(-1)
-        p_x = target_probs[:, :g].gather(2, safe_tokens).squeeze(-1)
-        q_x = draft_probs.gather(2, safe_tokens).squeeze(-1)
-        u = torch.rand((b, g), generator=generator, device=device, dtype=p_x.dtype)
+        safe_tokens = draft_tokens.clamp_min(0)  # [B, G]
+        p_x = target_probs[:, :g].gather(2, safe_tokens.unsqueeze(-1)).squeeze(-1)  # [B, G]
+        q_x = _q_at_tokens(draft_probs, safe_tokens).to(p_x.dtype)  # [B, G]
+        u = torch.rand((b, g), generator=generator, device=device, dtype=p_x.dtype)  # [B, G]
         # u < p/q  <=>  u*q < p, which also accepts (prob. 1) when q(x) = 0 and p(x) > 0.
-        accepted = u * q_x < p_x
-        n = _first_rejection(accepted, lengths)
+        accepted = u * q_x < p_x  # [B, G]
+        n = _first_rejection(accepted, lengths)  # [B]
     else:
         n = torch.zeros(b, dtype=torch.long, device=device)
     rows = torch.arange(b, device=device)
     p_n = target_probs[rows, n]  # [B, V]
-    rejected = n < lengths
+    rejected = n < lengths  # [B]
     if g > 0:
-        q_n = draft_probs[rows, n.clamp_max(g - 1)]
-        residual = (p_n - q_n).clamp_min(0.0)
-        has_residual = residual.sum(dim=1, keepdim=True) > 0
+        q_n = _q_row(draft_probs, rows, n.clamp_max(g - 1)).to(p_n.dtype)  # [B, V]
+        residual = (p_n - q_n).clamp_min(0.0)  # [B, V]
+        has_residual = residual.sum(dim=1, keepdim=True) > 0  # [B, 1]
         residual = torch.where(has_residual, residual, p_n)
-        sample_from = torch.where(rejected.unsqueeze(1), residual, p_n)
+        sample_from = torch.where(rejected.unsqueeze(1), residual, p_n)  # [B, V]
     else:
         sample_from = p_n
-    last = torch.multinomial(sample_from, 1, generator=generator).squeeze(1)
+    last = torch.multinomial(sample_from, 1, generator=generator).squeeze(1)  # [B]
     return _assemble(draft_tokens, n, last)
+
+
+def _q_at_tokens(q: SparseQ | torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """q at one token per position: [B, G] long -> [B, G]."""
+    if isinstance(q, SparseQ):
+        return q_at(q, tokens)
+    return q.gather(2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _q_row(q: SparseQ | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The dense [B, V] row of q at one position per sequence."""
+    if isinstance(q, SparseQ):
+        return densify(q[rows, positions])
+    return q[rows, positions]
 
 
 def verify(
     target: torch.Tensor,
-    draft_probs: torch.Tensor | None,
+    draft_probs: SparseQ | torch.Tensor | None,
     draft_tokens: torch.Tensor,
     lengths: torch.Tensor,
     *,
@@ -120,5 +143,5 @@ def verify(
     if greedy:
         return verify_greedy(target, draft_tokens, lengths)
     if draft_probs is None:
-        raise ValueError("sampling verification needs the draft distributions")
+        raise ValueError("sampling verification needs the draft distributions (SparseQ or dense)")
     return verify_sampling(target, draft_probs, draft_tokens, lengths, generator)

@@ -2,10 +2,13 @@
 paper-faithful mode's bias stays under the 1 - S bound.
 
 The oracle is the target's own distribution table; the code under test is the real
-pipeline: client ``sparsify`` -> server ``reconstruct`` -> ``select_draft_path`` ->
+pipeline: client ``sparsify`` -> server ``reconstruct_sparse`` (the closed form the
+Coordinator uses: K ids + K values + one fill, see ``sparse.py``) -> ``select_draft_path`` ->
 ``verify_sampling``, vectorised over >= 100k independent draws at one fixed prefix. A row
 that emits only one token in round 1 gets a second speculative round from its new prefix,
-exactly as the engine would, so the joint law of the first two tokens is tested.
+exactly as the engine would, so the joint law of the first two tokens is tested. The same
+laws are also checked with dense reconstructed q_hat tensors (``reconstruct``), which the
+pure functions still accept.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from scipy.stats import chisquare
 
 from specfed_flwr.aggregation import select_draft_path
 from specfed_flwr.proposer import sparsify
-from specfed_flwr.reconstruction import reconstruct
+from specfed_flwr.reconstruction import reconstruct, reconstruct_sparse
+from specfed_flwr.sparse import SparseQ
 from specfed_flwr.verification import verify_sampling
 
 V = 5
@@ -59,18 +63,27 @@ def _speculative_step(
     rule: str,
     scheme: str,
     gen: torch.Generator,
+    representation: str = "sparse",
 ):
     """One round for n independent rows. Returns (tokens [n, gamma+1] -1 padded, counts [n])."""
     client_tokens = torch.zeros((n, clients, gamma), dtype=torch.long)
-    client_q = torch.zeros((n, clients, gamma, V))
+    ids_all = torch.zeros((n, clients, gamma, k), dtype=torch.long)
+    values_all = torch.zeros((n, clients, gamma, k))
+    fill_all = torch.zeros((n, clients, gamma))
+    dense_q = torch.zeros((n, clients, gamma, V))
     for i in range(clients):
         own = torch.zeros((n, 0), dtype=torch.long)
         for j in range(gamma):
             q = client_q_fn(j, i, own)
             ids, probs, drafted = _draft(q, k, mode, gen)
             client_tokens[:, i, j] = drafted
-            client_q[:, i, j] = reconstruct(ids, probs.float(), V, rule)
+            if representation == "sparse":
+                q_hat = reconstruct_sparse(ids, probs.float(), V, rule)
+                ids_all[:, i, j], values_all[:, i, j], fill_all[:, i, j] = q_hat.ids, q_hat.values, q_hat.fill
+            else:
+                dense_q[:, i, j] = reconstruct(ids, probs.float(), V, rule)
             own = torch.cat([own, drafted.unsqueeze(1)], dim=1)
+    client_q = SparseQ(ids_all, values_all, fill_all, V) if representation == "sparse" else dense_q
     lengths = torch.full((n, clients), gamma, dtype=torch.long)
     path = select_draft_path(client_tokens, client_q, lengths, weights, scheme, gen)
     target = torch.zeros((n, gamma + 1, V))
@@ -80,7 +93,8 @@ def _speculative_step(
     return res.tokens, res.num_tokens
 
 
-def _first_two_tokens(tables: Tables, clients: int, weights, k: int, mode: str, rule: str, scheme: str, seed: int):
+def _first_two_tokens(tables: Tables, clients: int, weights, k: int, mode: str, rule: str, scheme: str, seed: int,
+                      representation: str = "sparse"):
     gen = torch.Generator().manual_seed(seed)
     n = DRAWS
 
@@ -97,7 +111,8 @@ def _first_two_tokens(tables: Tables, clients: int, weights, k: int, mode: str, 
         return tables.p3[toks[:, 0], toks[:, 1]]
 
     tokens, counts = _speculative_step(n, client_q_fn=client_q_round1, target_fn=target_round1, gamma=2,
-                                       clients=clients, weights=weights, k=k, mode=mode, rule=rule, scheme=scheme, gen=gen)
+                                       clients=clients, weights=weights, k=k, mode=mode, rule=rule, scheme=scheme, gen=gen,
+                                       representation=representation)
     first = tokens[:, 0]
     second = tokens[:, 1].clone()
     need = counts < 2
@@ -114,7 +129,8 @@ def _first_two_tokens(tables: Tables, clients: int, weights, k: int, mode: str, 
             return tables.p3[prefix, toks[:, 0]]
 
         tokens2, _ = _speculative_step(m, client_q_fn=client_q_round2, target_fn=target_round2, gamma=1,
-                                       clients=clients, weights=weights, k=k, mode=mode, rule=rule, scheme=scheme, gen=gen)
+                                       clients=clients, weights=weights, k=k, mode=mode, rule=rule, scheme=scheme, gen=gen,
+                                       representation=representation)
         second[need] = tokens2[:, 0]
     return first.numpy(), second.numpy()
 
@@ -140,11 +156,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("representation", ["sparse", "dense"])
 @pytest.mark.parametrize("clients,weights,k,rule,scheme", CASES)
-def test_exact_mode_output_law_equals_target(clients, weights, k, rule, scheme):
+def test_exact_mode_output_law_equals_target(clients, weights, k, rule, scheme, representation):
     tables = Tables(clients, seed=11)
     w = torch.tensor(weights)
-    first, second = _first_two_tokens(tables, clients, w, k, "sparse", rule, scheme, seed=5)
+    first, second = _first_two_tokens(tables, clients, w, k, "sparse", rule, scheme, seed=5,
+                                      representation=representation)
     marginal = np.bincount(first, minlength=V)
     p_first = _chi2_pvalue(marginal, tables.p1.double().numpy())
     joint = np.zeros((V, V))
