@@ -27,7 +27,8 @@ from .aggregation import (BiasAwareWeights, DraftPath, WeightingConfig, path_agr
                           select_draft_path)
 from .client_core import DraftClient
 from .config import SpecFedConfig
-from .protocol import DraftRequest
+from .protocol import DraftRequest, RoundPlan
+from .roster import NodeRoster
 from .reconstruction import reconstruct_sparse
 from .sparse import SparseQ, zeros as sparse_zeros
 from .target import TargetVerifier
@@ -86,6 +87,7 @@ class _Sequence:
     max_new_tokens: int
     owner: str | None
     prompt: str | None
+    cohort: int = 0  # the cohort whose rounds this sequence goes through (see pipeline.py)
     generated: list[int] = field(default_factory=list)
     client_known: dict[str, int] = field(default_factory=dict)  # committed length each client holds
     rounds: int = 0
@@ -121,6 +123,8 @@ class RoundReport:
     faults: dict[str, str]
     weights: dict[str, float]
     exchange_seconds: float | None = None  # wall time of the round's message exchange, when known
+    cohort: int | None = None  # the cohort this round verified (None: every active sequence)
+    pipeline_depth: int = 1  # cohorts in flight when it was verified
 
     def line(self) -> str:
         alpha = f"{self.alpha:.3f}" if self.alpha is not None else "  -  "
@@ -162,6 +166,7 @@ class ClientStats:
     # what the server did about this client: deselected / rejoined / weight collapsed / restored
     events: list[str] = field(default_factory=list)
     fault_kinds: dict[str, int] = field(default_factory=dict)  # kind (see ``fault_kind``) -> count
+    event_kinds: dict[str, int] = field(default_factory=dict)  # kind of ``events`` -> count
     resyncs: int = 0  # rounds the device answered without its draft state (whole sequences resent)
     resync_rounds: list[int] = field(default_factory=list)  # the rounds those were
     proactive_hits: int = 0  # rows the device had drafted ahead when the request came (guess confirmed)
@@ -179,6 +184,7 @@ class ClientStats:
             "faults": list(self.faults),
             "events": list(self.events),
             "fault_kinds": dict(self.fault_kinds),
+            "event_kinds": dict(self.event_kinds),
             "resyncs": self.resyncs,
             "resync_rounds": list(self.resync_rounds),
             "proactive_hits": self.proactive_hits,
@@ -252,8 +258,12 @@ class Coordinator:
         self._waiting: list[_Sequence] = []
         self._active: dict[int, _Sequence] = {}
         self._to_release: dict[str, set[int]] = {}
-        self._planned: dict[str, DraftRequest] = {}
+        self._plans: dict[int, RoundPlan] = {}  # planned rounds not completed yet (several with cohorts)
+        self._planned: dict[str, DraftRequest] = {}  # the requests of the round being completed
         self._planned_committed: dict[int, int] = {}
+        self.depth = 1  # cohorts (see pipeline.py)
+        self._completing = 0  # the round complete_round is working on (0: none)
+        self.roster = NodeRoster(config.max_missed_rounds, config.rejoin_after_rounds)
         self.finished: list[SequenceResult] = []
         self.rounds: list[RoundReport] = []
         self._generator = torch.Generator().manual_seed(int(config.seed))
@@ -272,10 +282,14 @@ class Coordinator:
             log.log(level, "limit %s=%s hit%s (counted in the summary's 'limits')",
                     name.replace("_", "-"), value, f": {detail}" if detail else "")
 
-    def note_event(self, client: str, text: str) -> None:
-        """Something the server did about a client (deselection, rejoin, weight collapse)."""
-        self.client_stats.setdefault(client, ClientStats()).events.append(f"round {self.round}: {text}")
-        log.warning("round %d: %s %s", self.round, client, text)
+    def note_event(self, client: str, text: str, kind: str = "event") -> None:
+        """Something the server did about a client (``kind``: deselected, rejoined,
+        weight-collapsed, weight-restored, restarted, ...), counted by kind in the summary."""
+        stats = self.client_stats.setdefault(client, ClientStats())
+        round_ = self._completing or self.round
+        stats.events.append(f"round {round_}: {text}")
+        stats.event_kinds[kind] = stats.event_kinds.get(kind, 0) + 1
+        log.warning("round %d: %s %s", round_, client, text)
 
     def limits(self) -> dict[str, dict[str, Any]]:
         return {
@@ -327,12 +341,51 @@ class Coordinator:
     def active_sequences(self) -> list[int]:
         return list(self._active)
 
-    def _admit(self) -> None:
+    @property
+    def rounds_completed(self) -> int:
+        return len(self.rounds)
+
+    def set_depth(self, depth: int) -> None:
+        """How many cohorts new sequences are spread over (1 = strict rounds)."""
+        self.depth = max(1, int(depth))
+
+    def collapsed_clients(self) -> set[str]:
+        """Clients whose bias-aware weight collapsed (asked on probe rounds only)."""
+        return set(self._collapsed)
+
+    def _cohort_sizes(self) -> dict[int, int]:
+        sizes = {c: 0 for c in range(self.depth)}
+        for seq in self._active.values():
+            sizes[seq.cohort] = sizes.get(seq.cohort, 0) + 1
+        return sizes
+
+    def cohorts_ready(self, busy: Iterable[int] = ()) -> list[int]:
+        """Cohorts that can be planned now: not in flight (``busy``) and with work (active
+        sequences, or room for waiting ones). A cohort past the depth (the depth went down)
+        hands its sequences to a lower cohort once it is not in flight."""
+        busy = set(busy)
+        in_flight = {s for plan in self._plans.values() for s in plan.seq_ids}
+        for seq in self._active.values():
+            if seq.cohort >= self.depth and seq.cohort not in busy and seq.seq_id not in in_flight:
+                seq.cohort %= self.depth
+        sizes = self._cohort_sizes()
+        room = bool(self._waiting) and len(self._active) < self.config.max_active_sequences
+        return [c for c in range(self.depth) if c not in busy and (sizes.get(c, 0) or room)]
+
+    def _admit(self, cohort: int | None = None) -> None:
+        """Start waiting sequences (up to ``max_active_sequences``). With cohorts, the one being
+        planned takes them up to its share, so that cohorts stay about equal."""
+        share = None
+        if cohort is not None and self.depth > 1:
+            share = -(-min(self.config.max_active_sequences, len(self._active) + len(self._waiting)) // self.depth)
         while self._waiting and len(self._active) < self.config.max_active_sequences:
+            if share is not None and self._cohort_sizes().get(cohort, 0) >= share:
+                break
             seq = self._waiting.pop(0)
+            seq.cohort = 0 if cohort is None else cohort
             self.target.start(seq.seq_id, seq.prompt_ids)
             self._active[seq.seq_id] = seq
-        if self._waiting:
+        if self._waiting and len(self._active) >= self.config.max_active_sequences:
             self.hit_limit("max_active_sequences", f"{len(self._waiting)} sequence(s) wait for a free slot")
 
     def settings_for(self, client: str) -> tuple[int, int]:
@@ -384,34 +437,40 @@ class Coordinator:
     def set_client_settings(self, client: str, gamma: int, k: int) -> None:
         self.client_settings[client] = (int(gamma), int(k))
 
-    def _drafts_for(self, client: str) -> list[_Sequence]:
+    def _drafts_for(self, client: str, seqs: list[_Sequence]) -> list[_Sequence]:
         if self.config.mode == "per-device":
-            return [s for s in self._active.values() if s.owner == client]
-        return list(self._active.values())
+            return [s for s in seqs if s.owner == client]
+        return seqs
 
     # ---- one round -------------------------------------------------------------------------
     def plan_round(self, clients: Sequence[str]) -> dict[str, DraftRequest]:
-        """Admit waiting sequences and build each client's request for this round."""
-        self._admit()
+        """Strict rounds: plan one round over every active sequence; ``complete_round`` then
+        completes it without naming it."""
+        return dict(self.plan_cohort(clients, None).requests)
+
+    def plan_cohort(self, clients: Sequence[str], cohort: int | None) -> RoundPlan:
+        """Admit waiting sequences and build each client's request for one round of ``cohort``
+        (None: every active sequence). Clients the roster benched, or whose weight collapsed,
+        are only asked when their probe is due."""
+        self._admit(cohort)
         self.round += 1
-        self._planned = {}
-        self._planned_committed = {s.seq_id: len(s.committed) for s in self._active.values()}
-        usable = set(self.weights.weights(list(clients)).nonzero()[0].tolist()) if clients else set()
-        for pos, client in enumerate(clients):
-            if pos not in usable and self.weights.records.get(client) is not None:
-                # a collapsed client is still probed now and then so it can rejoin
-                if self.round % max(1, self.config.rejoin_after_rounds) != 0:
-                    continue
+        self.roster.add(clients)
+        allowed = set(self.roster.selectable(self.round, self._collapsed))
+        seqs = [s for s in self._active.values() if cohort is None or s.cohort == cohort]
+        requests: dict[str, DraftRequest] = {}
+        for client in clients:
+            if client not in allowed:
+                continue
             gamma, k = self.settings_for(client)
             entries = []
-            for seq in self._drafts_for(client):
+            for seq in self._drafts_for(client, seqs):
                 g = max(0, min(gamma, seq.remaining - 1))
                 known = seq.client_known.get(client, 0)
                 entries.append((seq.seq_id, known, seq.committed[known:], g))
             release = sorted(self._to_release.get(client, set()))
             if not entries and not release:
                 continue
-            self._planned[client] = DraftRequest.build(
+            requests[client] = DraftRequest.build(
                 entries,
                 k=k,
                 temperature=self.config.temperature,
@@ -420,7 +479,10 @@ class Coordinator:
                 round=self.round,
                 release=release,
             )
-        return dict(self._planned)
+        plan = RoundPlan(round=self.round, cohort=cohort, seq_ids=[s.seq_id for s in seqs], requests=requests,
+                         committed={s.seq_id: len(s.committed) for s in seqs})
+        self._plans[plan.round] = plan
+        return plan
 
     def _check_weights(self, clients: Iterable[str]) -> None:
         """Report a client whose bias-aware weight collapsed (it stops drafting, is probed
@@ -434,10 +496,12 @@ class Coordinator:
                 self._collapsed.add(client)
                 self.note_event(client, (
                     f"weight collapsed (measured agreement {rec.agreement:.3f} < weight-drop-below "
-                    f"{self.config.weight_drop_below:g}): deselected, probed every {self.config.rejoin_after_rounds} rounds"))
+                    f"{self.config.weight_drop_below:g}): deselected, probed every {self.config.rejoin_after_rounds} rounds"),
+                    "weight-collapsed")
             elif not collapsed and client in self._collapsed:
                 self._collapsed.discard(client)
-                self.note_event(client, f"weight restored (measured agreement {rec.agreement:.3f}): drafting again")
+                self.note_event(client, f"weight restored (measured agreement {rec.agreement:.3f}): drafting again",
+                                "weight-restored")
 
     def forget_client_state(self, client: str) -> None:
         """The client lost its caches (restart): resend whole sequences next time."""
@@ -468,8 +532,11 @@ class Coordinator:
         client_metrics: dict[str, dict[str, Any]] | None = None,
         faults: dict[str, str] | None = None,
         round_seconds: float | None = None,
+        plan: RoundPlan | None = None,
     ) -> RoundReport:
         """Verify this round's drafts and commit the accepted tokens.
+
+        ``plan``: the round to complete (``plan_cohort``); without it, the one open round.
 
         The round runs as named steps, each a small pure-ish function of the previous one's
         output: validate replies -> gather drafts (sparse q_hat per client) -> select the draft
@@ -482,9 +549,17 @@ class Coordinator:
         ``round_seconds``: wall time of the round's message exchange, when the transport knows
         it (feeds the adaptive controller's per-round cost)."""
         started = time.perf_counter()
+        if plan is None:
+            if len(self._plans) != 1:
+                raise RuntimeError(f"complete_round without a plan needs exactly one open round, not {len(self._plans)}")
+            plan = next(iter(self._plans.values()))
+        del self._plans[plan.round]
+        self._planned, self._planned_committed = plan.requests, plan.committed
+        self._completing = plan.round
         client_metrics = client_metrics or {}
         valid, faults = self._validate_replies(replies, dict(faults or {}), client_metrics)
-        seqs = list(self._active.values())
+        self._observe_roster(plan, faults)
+        seqs = [self._active[s] for s in plan.seq_ids if s in self._active]
         drafts = self._gather_drafts(seqs, valid)
         path = self._select_path(drafts)
         logits, probs, verify_seconds = self._score(seqs, path)
@@ -495,7 +570,7 @@ class Coordinator:
         drafted = int(path.lengths.sum())
         valid_pos = torch.arange(path.tokens.shape[1]).unsqueeze(0) < path.lengths.unsqueeze(1)  # [B, G]
         report = RoundReport(
-            round=self.round,
+            round=plan.round,
             active_sequences=len(seqs),
             clients_asked=len(self._planned),
             clients_replied=len(valid),
@@ -511,13 +586,28 @@ class Coordinator:
             faults=faults,
             weights={cl: float(w) for cl, w in zip(drafts.clients, drafts.weights.tolist())},
             exchange_seconds=round_seconds,
+            cohort=plan.cohort,
+            pipeline_depth=self.depth,
         )
         if self.config.adaptive:
             self._adapt(report, valid, client_metrics, agreements, round_seconds)
         self._check_weights(valid)
         self._planned = {}
+        self._completing = 0
         self.rounds.append(report)
         return report
+
+    def _observe_roster(self, plan: RoundPlan, faults: dict[str, str]) -> None:
+        """Tell the roster which asked clients answered; a client that did not may have lost or
+        skipped state, so it gets whole sequences next time."""
+        for client in plan.requests:
+            ok = client not in faults
+            event = self.roster.observe(client, plan.round, ok)
+            if event is not None:
+                kind, text = event
+                self.note_event(client, text, kind.value)
+            if not ok:
+                self.forget_client_state(client)
 
     # ---- the steps of one round -------------------------------------------------------------
     def _validate_replies(
@@ -545,7 +635,12 @@ class Coordinator:
             for seq_id in request.seq_ids.tolist():
                 if seq_id in self._active:
                     self._active[seq_id].client_known[client] = self._planned_committed[seq_id]
-            self._to_release.pop(client, None)
+            sent = set(request.release.tolist())
+            left = self._to_release.get(client, set()) - sent
+            if left:
+                self._to_release[client] = left
+            else:
+                self._to_release.pop(client, None)
             stats.positions += int(replies[client].lengths.sum())
             stats.uplink_bytes += payload_bytes(replies[client])
             stats.topk_bytes += _topk_bytes(replies[client])
@@ -555,14 +650,14 @@ class Coordinator:
             stats.proactive_misses += int(metrics.get("proactive_misses", 0) or 0)
         for client, reason in faults.items():
             stats = self.client_stats.setdefault(client, ClientStats())
-            stats.faults.append(f"round {self.round}: {reason}")
+            stats.faults.append(f"round {self._completing}: {reason}")
             kind = fault_kind(reason)
             stats.fault_kinds[kind] = stats.fault_kinds.get(kind, 0) + 1
             limit = _limit_of_kind(kind)
             if limit is not None:
                 self.hit_limit(limit, f"{client}: {reason}")
             if client in self._planned and client not in valid:
-                log.warning("round %d: %s dropped: %s", self.round, client, reason)
+                log.warning("round %d: %s dropped: %s", self._completing, client, reason)
         return valid, faults
 
     def _gather_drafts(self, seqs: list[_Sequence], replies: dict[str, DraftReply]) -> RoundDrafts:
@@ -780,23 +875,11 @@ def summarize(
         "proactive_misses": sum(s.proactive_misses for s in client_stats.values()),
         # per client: fault kind -> count, plus what the server did about it (events)
         "faults": {
-            c: {**s.fault_kinds, **_event_kinds(s.events)}
-            for c, s in client_stats.items() if s.fault_kinds or s.events
+            c: {**s.fault_kinds, **s.event_kinds}
+            for c, s in client_stats.items() if s.fault_kinds or s.event_kinds
         },
         "weights": weights or {},
     }
-
-
-def _event_kinds(events: list[str]) -> dict[str, int]:
-    kinds: dict[str, int] = {}
-    for e in events:
-        text = e.split(": ", 1)[-1]
-        kind = ("weight-collapsed" if text.startswith("weight collapsed") else
-                "weight-restored" if text.startswith("weight restored") else
-                "deselected" if text.startswith("deselected") else
-                "rejoined" if text.startswith("rejoin") else "event")
-        kinds[kind] = kinds.get(kind, 0) + 1
-    return kinds
 
 
 # ---- the in-process engine ---------------------------------------------------------------------

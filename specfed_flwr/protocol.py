@@ -134,3 +134,17 @@ class DraftRequest:
             self.delta_tokens.min() < 0 or self.delta_tokens.max() >= vocab_size
         ):
             raise ProtocolError(f"draft request carries token ids outside the vocabulary (size {vocab_size})")
+
+
+@dataclass
+class RoundPlan:
+    """One round the server planned: the cohort it drafts for and the request of every device.
+
+    ``committed[s]`` is sequence s's committed length when the round was planned: a device that
+    answers has applied the deltas up to there."""
+
+    round: int
+    cohort: int | None  # None: every active sequence (strict rounds)
+    seq_ids: list[int]
+    requests: dict[str, DraftRequest]
+    committed: dict[int, int]

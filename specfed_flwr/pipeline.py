@@ -1,0 +1,150 @@
+"""Cohorts in flight: the decoding loop every engine shares.
+
+In strict rounds the target idles while devices draft and messages travel, and devices idle
+while the target verifies. Here the active sequences are split into up to ``depth`` cohorts that
+go through their rounds independently: while one cohort's requests travel and its devices draft,
+the target verifies another, and a cohort's next request is pushed as soon as its verification
+ends. Depth 1 is the strict loop. Exactness does not depend on the depth: each round verifies
+its own cohort's sequences with the target, exactly as a strict round would.
+
+``run_rounds`` is the loop, in numbered steps:
+
+1. **push**: every cohort that is not in flight and has work gets its next round planned
+   (``Coordinator.plan_cohort``) for the devices the roster allows, and pushed;
+2. **pull**: replies that arrived for any round in flight are collected (non-blocking);
+3. **verify**: the oldest round whose replies are all in, or whose deadline passed, is decoded
+   and handed to ``Coordinator.complete_round``; the roster hears which devices answered. Then
+   the loop goes back to 1, so that this cohort's next request leaves before anything else;
+4. **depth**: with ``pipeline-depth=auto`` the depth follows ``1 + exchange / verify`` (medians of
+   the last rounds, at most ``AUTO_MAX_DEPTH``): enough cohorts that the target never waits;
+5. **wait** one poll interval when nothing was ready.
+
+A ``Transport`` moves requests and replies: Flower's grid (``strategies.specfed``) or threads
+in this process (``inprocess``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .coordinator_types import RoundPlan, RoundReport
+from .roster import NodeRoster, RosterEvent
+
+AUTO_START_DEPTH = 2
+AUTO_MAX_DEPTH = 4
+AUTO_WINDOW = 6  # rounds whose exchange/verify times the auto depth looks at
+
+
+@dataclass
+class InFlight:
+    """One pushed round: its plan, when it left, and the raw replies that came back so far."""
+
+    plan: RoundPlan
+    pushed_at: float
+    deadline: float
+    expected: set[str]  # devices whose replies the round waits for
+    raw: dict[str, Any] = field(default_factory=dict)  # device -> transport's raw reply
+    arrivals: dict[str, float] = field(default_factory=dict)  # device -> perf_counter() when it arrived
+    handles: dict[str, Any] = field(default_factory=dict)  # transport's own bookkeeping (message ids, futures)
+
+    def complete(self, now: float) -> bool:
+        return self.expected <= set(self.raw) or now >= self.deadline
+
+    @property
+    def exchange_seconds(self) -> float:
+        """Push to the last reply (or to now, if some never came)."""
+        last = max(self.arrivals.values(), default=None)
+        return (last if last is not None else time.perf_counter()) - self.pushed_at
+
+
+class Transport(Protocol):
+    poll_interval: float
+
+    def push(self, plan: RoundPlan, timeout: float) -> InFlight:
+        """Send ``plan.requests``; never blocks on devices."""
+
+    def pull(self, flights: list[InFlight]) -> None:
+        """Move the replies that arrived into ``flight.raw`` / ``flight.arrivals``; never blocks."""
+
+    def decode(self, flight: InFlight) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
+        """(valid replies, metrics, faults) of a finished round; a bad reply is a fault, never an exception."""
+
+
+class DepthController:
+    """``pipeline-depth``: fixed, or ``auto`` (see module docstring, step 4)."""
+
+    def __init__(self, fixed: int | None):
+        self.fixed = fixed
+        self.depth = fixed if fixed is not None else AUTO_START_DEPTH
+        self._exchange: list[float] = []
+        self._verify: list[float] = []
+
+    def observe(self, exchange_seconds: float, verify_seconds: float) -> int:
+        if self.fixed is not None:
+            return self.depth
+        self._exchange = (self._exchange + [exchange_seconds])[-AUTO_WINDOW:]
+        self._verify = (self._verify + [verify_seconds])[-AUTO_WINDOW:]
+        if len(self._exchange) >= 3:
+            ratio = statistics.median(self._exchange) / max(statistics.median(self._verify), 1e-3)
+            self.depth = max(1, min(AUTO_MAX_DEPTH, 1 + math.ceil(ratio)))
+        return self.depth
+
+
+def run_rounds(
+    coordinator,
+    transport: Transport,
+    roster: NodeRoster,
+    *,
+    depth: int | None,
+    round_timeout: float,
+    max_rounds: int,
+    after_round: Callable[[RoundReport, InFlight, dict[str, dict[str, Any]]], None] | None = None,
+) -> None:
+    """Decode until every sequence is finished (or ``max_rounds`` rounds were verified)."""
+    control = DepthController(depth)
+    coordinator.set_depth(control.depth)
+    flights: dict[int, InFlight] = {}  # round -> in flight
+    while coordinator.has_work and coordinator.rounds_completed < max_rounds:
+        # 1. push every idle cohort
+        busy = {f.plan.cohort for f in flights.values()}
+        for cohort in coordinator.cohorts_ready(busy):
+            if coordinator.round >= max_rounds:
+                break
+            clients = roster.selectable(coordinator.round + 1, coordinator.collapsed_clients())
+            plan = coordinator.plan_cohort(clients, cohort)
+            flights[plan.round] = transport.push(plan, round_timeout)
+        if not flights:
+            break
+        # 2. pull what arrived
+        transport.pull(list(flights.values()))
+        # 3. verify the oldest finished round
+        now = time.perf_counter()
+        ready = [r for r, f in sorted(flights.items()) if f.complete(now)]
+        if not ready:
+            time.sleep(transport.poll_interval)  # 5. nothing to do yet
+            continue
+        flight = flights.pop(ready[0])
+        replies, metrics, faults = transport.decode(flight)
+        exchange = flight.exchange_seconds
+        report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults,
+                                            round_seconds=exchange, plan=flight.plan)
+        for name in flight.plan.requests:
+            event = roster.observe(name, report.round, name not in report.faults)
+            if event is not None:
+                kind, text = event
+                coordinator.note_event(name, text, kind.value)
+            if name in report.faults:
+                coordinator.forget_client_state(name)  # it may have lost or skipped state: resend whole
+        # 4. depth
+        coordinator.set_depth(control.observe(exchange, report.server_seconds))
+        report.pipeline_depth = control.depth
+        if after_round is not None:
+            after_round(report, flight, metrics)
+    # rounds still in flight when max_rounds stopped the loop are dropped with their replies
+
+
+__all__ = ["InFlight", "Transport", "DepthController", "run_rounds", "RosterEvent", "AUTO_MAX_DEPTH"]
