@@ -140,7 +140,7 @@ class Workload:
 
 
 def load_pair(tiny: bool, device: str = "auto") -> Pair:
-    from .engine import default_eos_ids
+    from .tokens import default_eos_ids
     from .specs import load_draft_spec, load_target_spec
 
     t_spec, d_spec = ("tiny:0", "tiny:1") if tiny else ("default", "default")
@@ -164,7 +164,7 @@ def make_workload(pair: Pair, preset: Preset, tiny: bool) -> Workload:
         prompts = [torch.randint(0, pair.vocab_size, (int(torch.randint(4, 11, (1,), generator=g)),), generator=g).tolist()
                    for _ in range(n)]
         return Workload(prompts, ["random"] * n, [None] * n)
-    from .engine import encode_prompt
+    from .tokens import encode_prompt
     from .prompts import default_prompt_records
 
     records = default_prompt_records()
@@ -469,7 +469,7 @@ def run_inprocess(pair: Pair, prompts: list[list[int]], cfg, clients: int, *, ba
     """``batched``: one padded target forward per round for all sequences (else one per sequence);
     ``batched_draft``: each client drafts all its sequences in one forward per draft step (else a loop)."""
     from .client_core import DraftClient
-    from .engine import InProcessEngine
+    from .inprocess import InProcessEngine
     from .proposer import HFDraftProposer
     from .target import TargetVerifier
 

@@ -146,7 +146,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 2
     import logging
 
-    from specfed_flwr.engine import InProcessEngine, default_eos_ids
+    from specfed_flwr.inprocess import InProcessEngine
+    from specfed_flwr.tokens import default_eos_ids
     from specfed_flwr.prompts import load_prompts
     from specfed_flwr.report import summary_table
     from specfed_flwr.specs import load_draft_spec, load_target_spec

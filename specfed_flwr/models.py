@@ -604,22 +604,6 @@ def check_vocab_compatible(target_model_or_tok: Any, draft_model_or_tok: Any, *,
     return int(t_size)
 
 
-def format_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
-    """Token ids for a user message: the chat template with the assistant generation prompt when the
-    tokenizer has one and ``chat`` is true, else the plain encoding."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer.encode(text)]
-
-
 # ----------------------------------------------------------------------------- loading
 
 

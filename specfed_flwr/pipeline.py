@@ -10,14 +10,14 @@ its own cohort's sequences with the target, exactly as a strict round would.
 ``run_rounds`` is the loop, in numbered steps:
 
 1. **push**: every cohort that is not in flight and has work gets its next round planned
-   (``Coordinator.plan_cohort``) for the devices the roster allows, and pushed;
+   (``Coordinator.plan_cohort``; its node roster decides which devices are asked), and pushed;
 2. **pull**: replies that arrived for any round in flight are collected (non-blocking);
-3. **verify**: the oldest round whose replies are all in, or whose deadline passed, is decoded
-   and handed to ``Coordinator.complete_round``; the roster hears which devices answered. Then
+3. **verify**: the oldest round, once its replies are all in or its deadline passed, is decoded
+   and handed to ``Coordinator.complete_round`` (which also tells the roster who answered). Then
    the loop goes back to 1, so that this cohort's next request leaves before anything else;
 4. **depth**: with ``pipeline-depth=auto`` the depth follows ``1 + exchange / verify`` (medians of
    the last rounds, at most ``AUTO_MAX_DEPTH``): enough cohorts that the target never waits;
-5. **wait** one poll interval when nothing was ready.
+5. **wait** until something arrives (at most one poll interval) when nothing was ready.
 
 A ``Transport`` moves requests and replies: Flower's grid (``strategies.specfed``) or threads
 in this process (``inprocess``).
@@ -29,10 +29,12 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
-from .coordinator_types import RoundPlan, RoundReport
-from .roster import NodeRoster, RosterEvent
+from .protocol import RoundPlan
+
+if TYPE_CHECKING:
+    from .engine import Coordinator, RoundReport
 
 AUTO_START_DEPTH = 2
 AUTO_MAX_DEPTH = 4
@@ -73,6 +75,9 @@ class Transport(Protocol):
     def decode(self, flight: InFlight) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
         """(valid replies, metrics, faults) of a finished round; a bad reply is a fault, never an exception."""
 
+    def wait(self, seconds: float) -> None:
+        """Block until a reply may have arrived, at most ``seconds``."""
+
 
 class DepthController:
     """``pipeline-depth``: fixed, or ``auto`` (see module docstring, step 4)."""
@@ -95,56 +100,55 @@ class DepthController:
 
 
 def run_rounds(
-    coordinator,
+    coordinator: "Coordinator",
     transport: Transport,
-    roster: NodeRoster,
+    clients: Sequence[str],
     *,
     depth: int | None,
     round_timeout: float,
     max_rounds: int,
-    after_round: Callable[[RoundReport, InFlight, dict[str, dict[str, Any]]], None] | None = None,
-) -> None:
-    """Decode until every sequence is finished (or ``max_rounds`` rounds were verified)."""
+    after_round: "Callable[[RoundReport, InFlight, dict[str, dict[str, Any]]], None] | None" = None,
+    before_plan: Callable[[], None] | None = None,
+) -> DepthController:
+    """Decode until every sequence is finished (or ``max_rounds`` rounds were planned).
+
+    ``clients``: the devices that may be asked (the coordinator's roster picks from them each
+    round); ``before_plan``: called before each round is planned (e.g. to drop the state of
+    devices known to keep none)."""
     control = DepthController(depth)
     coordinator.set_depth(control.depth)
     flights: dict[int, InFlight] = {}  # round -> in flight
-    while coordinator.has_work and coordinator.rounds_completed < max_rounds:
+    while coordinator.has_work or flights:
         # 1. push every idle cohort
         busy = {f.plan.cohort for f in flights.values()}
         for cohort in coordinator.cohorts_ready(busy):
             if coordinator.round >= max_rounds:
                 break
-            clients = roster.selectable(coordinator.round + 1, coordinator.collapsed_clients())
-            plan = coordinator.plan_cohort(clients, cohort)
+            if before_plan is not None:
+                before_plan()
+            plan = coordinator.plan_cohort(list(clients), cohort)
             flights[plan.round] = transport.push(plan, round_timeout)
         if not flights:
-            break
+            break  # max_rounds reached
         # 2. pull what arrived
         transport.pull(list(flights.values()))
-        # 3. verify the oldest finished round
-        now = time.perf_counter()
-        ready = [r for r, f in sorted(flights.items()) if f.complete(now)]
-        if not ready:
-            time.sleep(transport.poll_interval)  # 5. nothing to do yet
+        # 3. verify the oldest round once it is complete (rounds are verified in the order they
+        # were pushed, so that with a fixed depth the server's random draws, and so a sampled
+        # output, do not depend on which device happened to answer first)
+        oldest = min(flights)
+        if not flights[oldest].complete(time.perf_counter()):
+            transport.wait(transport.poll_interval)  # 5. nothing to do yet
             continue
-        flight = flights.pop(ready[0])
+        flight = flights.pop(oldest)
         replies, metrics, faults = transport.decode(flight)
         exchange = flight.exchange_seconds
         report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults,
                                             round_seconds=exchange, plan=flight.plan)
-        for name in flight.plan.requests:
-            event = roster.observe(name, report.round, name not in report.faults)
-            if event is not None:
-                kind, text = event
-                coordinator.note_event(name, text, kind.value)
-            if name in report.faults:
-                coordinator.forget_client_state(name)  # it may have lost or skipped state: resend whole
         # 4. depth
         coordinator.set_depth(control.observe(exchange, report.server_seconds))
-        report.pipeline_depth = control.depth
         if after_round is not None:
             after_round(report, flight, metrics)
-    # rounds still in flight when max_rounds stopped the loop are dropped with their replies
+    return control
 
 
-__all__ = ["InFlight", "Transport", "DepthController", "run_rounds", "RosterEvent", "AUTO_MAX_DEPTH"]
+__all__ = ["InFlight", "Transport", "DepthController", "run_rounds", "AUTO_MAX_DEPTH"]

@@ -12,7 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from .config import SpecFedConfig, load_config
-from .engine import default_eos_ids
+from .tokens import default_eos_ids
 from .prompts import load_prompts
 from .report import summary_table
 from .results import ResultsWriter

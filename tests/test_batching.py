@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specfed_flwr.config import SpecFedConfig
-from specfed_flwr.engine import InProcessEngine
+from specfed_flwr.inprocess import InProcessEngine
 from specfed_flwr.kvcache import PaddedBatch, returned_cache, supports_padded_batching
 from specfed_flwr.proposer import HFDraftProposer
 from specfed_flwr.target import TargetVerifier
@@ -237,8 +237,9 @@ def oracle(target, prompts):
 
 
 def _engine(target, drafts, gamma: int, temperature: float = 0.0, batched: bool = True, **extra) -> InProcessEngine:
+    # strict rounds (pipeline-depth 1): every active sequence in each round's batch
     cfg = SpecFedConfig(top_k=4, draft_length=gamma, max_new_tokens=NEW_TOKENS, max_active_sequences=4,
-                        max_k=VOCAB, temperature=temperature, seed=5, **extra)
+                        max_k=VOCAB, temperature=temperature, seed=5, pipeline_depth="1", **extra)
     engine = InProcessEngine(target, drafts, cfg, eos_token_ids=[])
     engine.target.batched = batched
     for client in engine.clients.values():

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from specfed_flwr import models as M
+from specfed_flwr.tokens import format_prompt
 from specfed_flwr.models import (
     QuantEmbedding,
     QuantLinear,
     VocabularyMismatchError,
     check_vocab_compatible,
-    format_prompt,
     model_nbytes,
     quantize_linear_weights,
     resolve_device,

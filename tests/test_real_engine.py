@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from specfed_flwr.config import SpecFedConfig
-from specfed_flwr.engine import InProcessEngine, default_eos_ids, encode_prompt
+from specfed_flwr.inprocess import InProcessEngine
+from specfed_flwr.tokens import default_eos_ids, encode_prompt
 from specfed_flwr.prompts import load_prompts
 
 pytestmark = pytest.mark.real_model

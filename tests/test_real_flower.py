@@ -14,7 +14,7 @@ import torch
 from flwr.simulation import run_simulation
 
 from specfed_flwr.client_app import app as client_app
-from specfed_flwr.engine import default_eos_ids, encode_prompt
+from specfed_flwr.tokens import default_eos_ids, encode_prompt
 from specfed_flwr.prompts import load_prompts
 from specfed_flwr.serve import make_server_app
 

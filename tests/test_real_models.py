@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from specfed_flwr import models as M
+from specfed_flwr.tokens import format_prompt
 
 pytestmark = pytest.mark.real_model
 
@@ -54,7 +55,7 @@ def greedy(pair):
     outs = []
     with torch.inference_mode():
         for text in PROMPTS:
-            ids = M.format_prompt(pair.tokenizer, text)
+            ids = format_prompt(pair.tokenizer, text)
             x = torch.tensor([ids], device=pair.target_device)
             gen = pair.target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
                                        do_sample=False)
@@ -95,7 +96,7 @@ def test_default_pair_loads_offline(pair):
 def test_tokenizer_and_chat_prompt(pair):
     fp = M.tokenizer_fingerprint(pair.tokenizer)
     assert fp["vocab_size"] == 49152
-    ids = M.format_prompt(pair.tokenizer, "Hi")
+    ids = format_prompt(pair.tokenizer, "Hi")
     assert ids[0] == pair.tokenizer.convert_tokens_to_ids("<|im_start|>") == 1
     assert pair.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
     assert pair.target.generation_config.eos_token_id == 2 == pair.tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -89,8 +89,10 @@ def malformed_content(draw):
 
 
 def _strategy_and_coordinator(model):
+    # a node is never benched here (max-missed-rounds): these tests send it bad replies on purpose,
+    # round after round, and look at how each one is refused (tests/test_roster.py covers benching)
     cfg = SpecFedConfig(top_k=8, draft_length=4, max_k=16, max_gamma=8, max_new_tokens=6, max_reply_bytes=4096,
-                        max_active_sequences=4)
+                        max_active_sequences=4, max_missed_rounds=1000)
     verifier = TargetVerifier(model)
     strategy = SpecFedStrategy(verifier, cfg)
     coordinator = Coordinator(verifier, cfg, eos_token_ids=[])

@@ -31,7 +31,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..config import SpecFedConfig
-from ..engine import Coordinator, RoundReport, SequenceResult, decode_texts, encode_prompt
+from ..engine import Coordinator, RoundReport, SequenceResult
+from ..tokens import decode_texts, encode_prompt
 from ..records import DRAFT_MESSAGE, HANDSHAKE_MESSAGE, config_record, reply_arrays, request_content
 from ..target import TargetVerifier
 from ..wire import WireFormatError, decode_reply
