@@ -167,9 +167,11 @@ class ProcessTransport:
     poll_interval = 0.05
 
     def __init__(self, names: Sequence[str], settings: Mapping[str, Any], *, vocab_size: int,
-                 device_cpus: Iterable[int] | None = None, threads: int = 1, start_timeout: float = 600.0):
+                 limits: SpecFedConfig | None = None, device_cpus: Iterable[int] | None = None, threads: int = 1,
+                 start_timeout: float = 600.0):
         self.names = list(names)
         self.vocab_size = int(vocab_size)
+        self.limits = limits or SpecFedConfig()  # the reply limits every decoded reply is held to
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         cpus = list(device_cpus) if device_cpus is not None else None
@@ -216,7 +218,9 @@ class ProcessTransport:
                 faults[name] = f"error reply from the device: {error}"
                 continue
             try:
-                replies[name] = decode_reply(arrays, vocab_size=self.vocab_size, client=f"device {name}")
+                replies[name] = decode_reply(arrays, vocab_size=self.vocab_size, max_k=self.limits.max_k,
+                                             max_gamma=self.limits.max_gamma, max_bytes=self.limits.max_reply_bytes,
+                                             client=f"device {name}")
                 metrics[name] = dict(m)
             except WireFormatError as exc:
                 faults[name] = str(exc)

@@ -1,0 +1,149 @@
+"""Pipelined rounds (cohorts in flight) in the in-process engine.
+
+Oracles nobody here wrote: transformers' own greedy ``generate`` of the target, and, for
+sampling, the target's own next-token and next-two-token law at a fixed prefix (chi-square).
+Both with drafting ahead on, devices on worker threads and in a separate process.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specfed_flwr.adversarial import RandomDraftProposer
+from specfed_flwr.client_core import DraftClient
+from specfed_flwr.config import SpecFedConfig
+from specfed_flwr.inprocess import InProcessEngine, ProcessTransport
+from specfed_flwr.models import tiny_llama
+from specfed_flwr.pipeline import DepthController
+
+VOCAB = 1024
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_llama(seed=0, vocab_size=VOCAB), tiny_llama(seed=1, vocab_size=VOCAB), tiny_llama(seed=2, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(99)
+    return [torch.randint(0, VOCAB, (int(torch.randint(3, 10, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(9)]
+
+
+@pytest.fixture(scope="module")
+def oracle(models, prompts):
+    target = models[0]
+    out = []
+    for p in prompts:
+        x = torch.tensor([p])
+        gen = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+        out.append(gen[0, len(p):].tolist())
+    return out
+
+
+def _config(depth: str, **extra) -> SpecFedConfig:
+    base = dict(top_k=8, draft_length=4, max_new_tokens=NEW_TOKENS, max_active_sequences=6, max_k=VOCAB,
+                pipeline_depth=depth, draft_ahead=True)
+    base.update(extra)
+    return SpecFedConfig(**base)
+
+
+@pytest.mark.parametrize("depth,drafters", list(itertools.product(["1", "2", "3", "auto"], [1, 3])))
+def test_greedy_output_equals_target_generate_with_cohorts_in_flight(models, prompts, oracle, depth, drafters):
+    target, draft_a, draft_b = models
+    cfg = _config(depth)
+    extra = {"garbage": DraftClient(RandomDraftProposer(VOCAB, seed=3))} if drafters == 3 else None
+    drafts = [draft_a, draft_b] if drafters == 3 else [draft_a]
+    engine = InProcessEngine(target, drafts, cfg, eos_token_ids=[], clients=extra)
+    result = engine.generate(prompts)
+    assert result.token_ids == oracle
+    if depth in ("2", "3"):
+        # rounds of several cohorts, each verifying only its own sequences
+        cohorts = {r.cohort for r in result.rounds}
+        assert len(cohorts) == int(depth)
+        assert max(r.active_sequences for r in result.rounds) < cfg.max_active_sequences
+    if drafters == 3:
+        assert result.metrics["clients"]["garbage"]["rounds_replied"] > 0
+
+
+def test_drafting_ahead_is_used_and_counted(models, prompts, oracle):
+    target = models[0]
+    # the target as its own draft: every guess is right, so replies come from drafts made ahead
+    engine = InProcessEngine(target, [target], _config("2"), eos_token_ids=[])
+    result = engine.generate(prompts)
+    assert result.token_ids == oracle
+    assert result.metrics["proactive_hits"] > 0
+    assert result.metrics["clients"]["drafter-0"]["proactive_hits"] == result.metrics["proactive_hits"]
+
+
+def test_devices_in_their_own_process(models, prompts, oracle):
+    target = models[0]
+    cfg = _config("2", weight_drop_below=0.0)  # the random tiny:1 draft agrees little: keep asking it
+    settings = {"draft": "tiny:1", "draft-quantization": "none", "draft-ahead": True}
+    transport = ProcessTransport(["device-a"], settings, vocab_size=VOCAB, limits=cfg, threads=1)
+    try:
+        result = InProcessEngine(target, [], cfg, eos_token_ids=[], transport=transport).generate(prompts)
+    finally:
+        transport.close()
+    assert result.token_ids == oracle
+    stats = result.metrics["clients"]["device-a"]
+    assert stats["rounds_replied"] == stats["rounds_asked"] == len(result.rounds)
+    assert result.metrics["drafted_positions"] > 0
+
+
+def test_auto_depth_follows_exchange_over_verify():
+    control = DepthController(None)
+    assert control.depth == 2
+    for _ in range(3):
+        control.observe(exchange_seconds=0.9, verify_seconds=0.3)
+    assert control.depth == 4  # 1 + ceil(3) capped at 4
+    for _ in range(6):
+        control.observe(exchange_seconds=0.05, verify_seconds=0.3)
+    assert control.depth == 2
+    fixed = DepthController(3)
+    fixed.observe(10.0, 0.01)
+    assert fixed.depth == 3
+
+
+# ---- sampling: the target's own law at a fixed prefix -------------------------------------------
+
+SMALL_V = 6
+DRAWS = 12_000
+
+
+def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    keep = probs > 0
+    expected = probs[keep] / probs[keep].sum() * counts[keep].sum()
+    return float(chisquare(counts[keep], expected).pvalue)
+
+
+@pytest.mark.parametrize("drafters", [1, 3])
+def test_sampling_keeps_the_target_law_with_cohorts_and_drafting_ahead(drafters):
+    target = tiny_llama(seed=10, vocab_size=SMALL_V)
+    drafts = [tiny_llama(seed=11 + i, vocab_size=SMALL_V) for i in range(drafters)]
+    prefix = [1, 4, 2]
+    with torch.inference_mode():
+        p1 = torch.softmax(target(torch.tensor([prefix])).logits[0, -1].double(), -1)
+        p2 = torch.stack([torch.softmax(target(torch.tensor([prefix + [x]])).logits[0, -1].double(), -1)
+                          for x in range(SMALL_V)])
+    joint = (p1[:, None] * p2).flatten().numpy()  # [V*V]
+    cfg = SpecFedConfig(top_k=3, draft_length=3, max_new_tokens=2, max_active_sequences=DRAWS, max_k=SMALL_V,
+                        temperature=1.0, seed=1, pipeline_depth="2", draft_ahead=True, weight_drop_below=0.0,
+                        max_prompt_tokens=16)
+    result = InProcessEngine(target, drafts, cfg, eos_token_ids=[]).generate([prefix] * DRAWS)
+    pairs = np.array([s.token_ids for s in result.sequences])  # [DRAWS, 2]
+    assert pairs.shape == (DRAWS, 2)
+    assert result.metrics["drafted_positions"] > DRAWS // 2  # drafts were really verified
+    assert len({r.cohort for r in result.rounds}) == 2
+    first = np.bincount(pairs[:, 0], minlength=SMALL_V)
+    both = np.bincount(pairs[:, 0] * SMALL_V + pairs[:, 1], minlength=SMALL_V * SMALL_V)
+    assert _chi2_pvalue(first, p1.numpy()) > 1e-3
+    assert _chi2_pvalue(both, joint) > 1e-3
