@@ -274,18 +274,20 @@ class Probe:
         from .target import TargetVerifier
 
         self._engine = engine
-        self._orig = (engine.Coordinator.plan_round, engine.Coordinator.complete_round,
+        self._orig = (engine.Coordinator.plan_cohort, engine.Coordinator.complete_round,
                       engine.verify_greedy, engine.verify_sampling)
         plan, complete, vg, vs = self._orig
         probe = self
 
-        def plan_round(coord, *args, **kwargs):
-            probe._open[id(coord)] = _Round(start=time.perf_counter())
-            return plan(coord, *args, **kwargs)
+        def plan_cohort(coord, *args, **kwargs):
+            started = time.perf_counter()
+            out = plan(coord, *args, **kwargs)
+            probe._open[(id(coord), out.round)] = _Round(start=started)
+            return out
 
         def complete_round(coord, replies, *args, **kwargs):
             report = complete(coord, replies, *args, **kwargs)
-            rnd = probe._open.pop(id(coord), None) or _Round(start=time.perf_counter())
+            rnd = probe._open.pop((id(coord), report.round), None) or _Round(start=time.perf_counter())
             rnd.end = time.perf_counter()
             metrics = kwargs.get("client_metrics") or {}
             for client, m in metrics.items():
@@ -332,7 +334,7 @@ class Probe:
             return logits
 
         self._orig_shim = (select, score_batch)
-        engine.Coordinator.plan_round = plan_round
+        engine.Coordinator.plan_cohort = plan_cohort
         engine.Coordinator.complete_round = complete_round
         engine.verify_greedy = verify_greedy
         engine.verify_sampling = verify_sampling
@@ -344,7 +346,7 @@ class Probe:
         from .target import TargetVerifier
 
         engine = self._engine
-        (engine.Coordinator.plan_round, engine.Coordinator.complete_round,
+        (engine.Coordinator.plan_cohort, engine.Coordinator.complete_round,
          engine.verify_greedy, engine.verify_sampling) = self._orig
         engine.select_draft_path, TargetVerifier.score_batch = self._orig_shim
 
@@ -446,10 +448,14 @@ def _k_value(k: int | str, vocab: int) -> int:
 
 
 def make_config(vocab: int, *, k: int, gamma: int, reconstruction: str, draft_sampling: str, concurrency: int,
-                temperature: float, max_new_tokens: int, mode: str = "collaborative", seed: int = 0):
+                temperature: float, max_new_tokens: int, mode: str = "collaborative", seed: int = 0,
+                pipeline_depth: str = "1", draft_ahead: bool = False):
+    """The sweeps measure the protocol's parameters in strict rounds without drafting ahead (the
+    round-cost model T = a*gamma + b); the engine comparison (``fedbench``) measures the pipeline."""
     from .config import SpecFedConfig
 
     return SpecFedConfig(
+        pipeline_depth=pipeline_depth, draft_ahead=draft_ahead,
         target="bench", draft="bench", top_k=k, max_k=max(64, k), draft_length=gamma, max_gamma=max(16, gamma),
         reconstruction=reconstruction, draft_sampling=draft_sampling, temperature=temperature,
         max_new_tokens=max_new_tokens, max_active_sequences=concurrency, chat_template=False, seed=seed,

@@ -147,6 +147,12 @@ def _device_process(conn, names: list[str], settings: dict[str, Any], cpus: list
             message = conn.recv()
             if message is None:
                 break
+            if message == "reset":  # a new run: sequence ids start again, so no state may survive
+                runtime.stop_drafting_ahead()
+                for name in names:
+                    runtime.handshake(("local", name), settings)
+                conn.send(("reset", os.getpid()))
+                continue
             name, arrays, config = message
             try:
                 request = DraftRequest.from_parts(arrays, config)
@@ -185,6 +191,16 @@ class ProcessTransport:
         tag, self.pid = self._conn.recv()
         self._queue: list[tuple[int, str]] = []  # (round, client) in the order sent: the process answers in order
         self._flights: dict[int, InFlight] = {}
+
+    def reset(self) -> None:
+        """Forget every sequence on the device side (called before each run)."""
+        self._conn.send("reset")
+        while True:  # replies of rounds a previous run left in flight come first
+            message = self._conn.recv()
+            if len(message) == 2 and message[0] == "reset":
+                break
+        self._queue.clear()
+        self._flights.clear()
 
     def push(self, plan: RoundPlan, timeout: float) -> InFlight:
         now = time.perf_counter()
@@ -292,6 +308,8 @@ class InProcessEngine:
                 ids, index=i, max_new_tokens=max_new_tokens, owner=owners[i] if owners else None, prompt=text
             )
         transport = self.transport or ThreadTransport(self.clients)
+        if self.transport is not None and hasattr(transport, "reset"):
+            transport.reset()
         names = list(self.clients) if self.transport is None else list(getattr(self.transport, "names", self.clients))
         started = time.perf_counter()
         try:

@@ -15,8 +15,11 @@ its own cohort's sequences with the target, exactly as a strict round would.
 3. **verify**: the oldest round, once its replies are all in or its deadline passed, is decoded
    and handed to ``Coordinator.complete_round`` (which also tells the roster who answered). Then
    the loop goes back to 1, so that this cohort's next request leaves before anything else;
-4. **depth**: with ``pipeline-depth=auto`` the depth follows ``1 + exchange / verify`` (medians of
-   the last rounds, at most ``AUTO_MAX_DEPTH``): enough cohorts that the target never waits;
+4. **depth**: with ``pipeline-depth=auto`` two cohorts (one verifying while the other drafts),
+   plus enough to cover the transport's own latency: ``2 + ceil(latency / (verify + draft))``,
+   latency = exchange time minus the devices' drafting time (medians of the last rounds, at most
+   ``AUTO_MAX_DEPTH``). More cohorts than that only shrink every verify batch: the devices draft
+   the cohorts one after the other, so they cannot go faster than their own compute;
 5. **wait** until something arrives (at most one poll interval) when nothing was ready.
 
 A ``Transport`` moves requests and replies: Flower's grid (``strategies.specfed``) or threads
@@ -88,14 +91,15 @@ class DepthController:
         self._exchange: list[float] = []
         self._verify: list[float] = []
 
-    def observe(self, exchange_seconds: float, verify_seconds: float) -> int:
+    def observe(self, exchange_seconds: float, verify_seconds: float, draft_seconds: float = 0.0) -> int:
         if self.fixed is not None:
             return self.depth
-        self._exchange = (self._exchange + [exchange_seconds])[-AUTO_WINDOW:]
-        self._verify = (self._verify + [verify_seconds])[-AUTO_WINDOW:]
+        self._exchange = (self._exchange + [max(0.0, exchange_seconds - draft_seconds)])[-AUTO_WINDOW:]
+        self._verify = (self._verify + [verify_seconds + draft_seconds])[-AUTO_WINDOW:]
         if len(self._exchange) >= 3:
-            ratio = statistics.median(self._exchange) / max(statistics.median(self._verify), 1e-3)
-            self.depth = max(1, min(AUTO_MAX_DEPTH, 1 + math.ceil(ratio)))
+            latency = statistics.median(self._exchange)
+            cycle = max(statistics.median(self._verify), 1e-3)
+            self.depth = max(AUTO_START_DEPTH, min(AUTO_MAX_DEPTH, AUTO_START_DEPTH + math.ceil(latency / cycle - 1e-9)))
         return self.depth
 
 
@@ -145,7 +149,8 @@ def run_rounds(
         report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults,
                                             round_seconds=exchange, plan=flight.plan)
         # 4. depth
-        coordinator.set_depth(control.observe(exchange, report.server_seconds))
+        drafting = max((float(m.get("draft_seconds", 0.0)) for m in metrics.values()), default=0.0)
+        coordinator.set_depth(control.observe(exchange, report.server_seconds, drafting))
         if after_round is not None:
             after_round(report, flight, metrics)
     return control

@@ -99,15 +99,21 @@ def test_devices_in_their_own_process(models, prompts, oracle):
     assert result.metrics["drafted_positions"] > 0
 
 
-def test_auto_depth_follows_exchange_over_verify():
+def test_auto_depth_covers_the_transport_latency_only():
     control = DepthController(None)
     assert control.depth == 2
+    # the exchange is all drafting (in-process): two cohorts, one verifying while the other drafts
     for _ in range(3):
-        control.observe(exchange_seconds=0.9, verify_seconds=0.3)
-    assert control.depth == 4  # 1 + ceil(3) capped at 4
-    for _ in range(6):
-        control.observe(exchange_seconds=0.05, verify_seconds=0.3)
+        control.observe(exchange_seconds=0.9, verify_seconds=0.3, draft_seconds=0.9)
     assert control.depth == 2
+    # 0.6 s of transport latency beyond 0.3 s verify + 0.2 s drafting: 2 + ceil(1.2) = 4
+    for _ in range(6):
+        control.observe(exchange_seconds=0.8, verify_seconds=0.3, draft_seconds=0.2)
+    assert control.depth == 4
+    # 0.2 s latency per 0.5 s cycle: one more cohort
+    for _ in range(6):
+        control.observe(exchange_seconds=0.4, verify_seconds=0.3, draft_seconds=0.2)
+    assert control.depth == 3
     fixed = DepthController(3)
     fixed.observe(10.0, 0.01)
     assert fixed.depth == 3
