@@ -1,6 +1,6 @@
 """The device's side of one round, independent of how messages travel.
 
-The Flower ClientApp, the deployment draft worker and the in-process engine all call
+The Flower ClientApp (through ``device.DeviceRuntime``) and the in-process engine both call
 ``DraftClient.handle``: free released sequences, apply each sequence's accepted delta,
 draft, and report what it cost.
 """
