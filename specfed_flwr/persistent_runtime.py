@@ -200,8 +200,11 @@ def internal_api_problems() -> list[str]:
     params(SuperExecAuthHttpInterceptor, "master_secret", "protected_methods")
     if getattr(TaskType, "CLIENT_APP", None) != "flwr-clientapp":
         problems.append(f"TaskType.CLIENT_APP is {getattr(TaskType, 'CLIENT_APP', None)!r}, expected 'flwr-clientapp'")
-    for cls, attrs in ((TaskIdentity, ("task_id", "run_id", "node_id")),
-                       (SubStatus, ("COMPLETED", "FAILED")),
+    for attr in ("task_id", "run_id", "node_id"):  # settable properties of its metaclass
+        prop = getattr(type(TaskIdentity), attr, None)
+        if not (isinstance(prop, property) and prop.fset is not None):
+            problems.append(f"TaskIdentity.{attr} is not a settable class property")
+    for cls, attrs in ((SubStatus, ("COMPLETED", "FAILED")),
                        (ErrorCode, ("CLIENT_APP_RAISED_EXCEPTION", "LOAD_CLIENT_APP_EXCEPTION"))):
         for attr in attrs:
             if not hasattr(cls, attr):
