@@ -40,8 +40,9 @@ def _warn_in_process_load() -> None:
     if not _warned and not RUNTIME.load_counts:
         _warned = True
         log.warning(
-            "this ClientApp process has no draft model yet: loading it for this draft message. On Flower's "
-            "deployment engine's stock path every message gets a new process, so the model is reloaded and the "
+            "this ClientApp process has no draft model yet: loading it for this draft message (a device runtime "
+            "restarted mid-run does this once). On Flower's deployment engine's stock path every message gets a "
+            "new process, so the model is reloaded and the "
             "KV caches rebuilt every round; start the SuperNode with --isolation process and run "
             "`specfed-flwr device-runtime --runtime-api-address 127.0.0.1:PORT --insecure` next to it "
             "(PORT = the SuperNode's --port), which keeps one ClientApp process for all messages")

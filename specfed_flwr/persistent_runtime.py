@@ -560,6 +560,9 @@ def main(args: Any) -> int:
         return 2
 
     def _terminate(signum, frame):  # noqa: ARG001 - unwind the loop (and a running task's finally)
+        # once: the launcher signals the process group and the pid, and a second SystemExit would
+        # land in the interpreter's atexit hooks (torch's) instead of the loop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _terminate)
