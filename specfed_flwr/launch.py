@@ -899,6 +899,7 @@ def start_deployment_stack(
     app: str | None = None,
     supernode_superexec_poll_s: float = SUPERNODE_SUPEREXEC_POLL_S,
     runtime_poll_s: float = DEFAULT_RUNTIME_POLL_S,
+    runtime_threads: int | None = 0,
 ) -> FlowerStack:
     """Start ``flower-superlink --insecure`` and N ``flower-supernode`` processes.
 
@@ -915,6 +916,10 @@ def start_deployment_stack(
     starts a new ``flwr-clientapp`` per message; its task poll is ``supernode_superexec_poll_s``
     (0.1 s, the best measured) on the SuperNodes, ``superexec_poll_s`` on the SuperLink. Every
     process is stopped with the stack, by PID.
+
+    ``runtime_threads``: intra-op threads (``OMP_NUM_THREADS``) of each device runtime. All the
+    "devices" of a loopback stack share this machine's cores and draft at the same time, so the
+    default 0 gives each ``max(1, cores // N)``; None leaves torch's default (all cores each).
     """
     if node_configs is not None and len(node_configs) != num_supernodes:
         raise ValueError("len(node_configs) must equal num_supernodes")
@@ -927,6 +932,10 @@ def start_deployment_stack(
                          ("runtime_poll_s", runtime_poll_s)):
         if not 0.01 <= float(value) <= 60.0:  # Flower's own bounds for the SuperExec poll
             raise ValueError(f"{label} must be in [0.01, 60] seconds, got {value!r}")
+    if runtime_threads is not None and (isinstance(runtime_threads, bool) or int(runtime_threads) < 0):
+        raise ValueError(f"runtime_threads must be >= 1, 0 (auto) or None, got {runtime_threads!r}")
+    threads = None if runtime_threads is None else (
+        int(runtime_threads) or max(1, (os.cpu_count() or 1) // max(1, num_supernodes)))
     stack = _new_stack("deployment", num_supernodes, log_dir, flwr_home, work_dir, cwd,
                        superexec_poll_s)
     stack.runtime, stack.runtime_app = runtime, app
@@ -954,6 +963,8 @@ def start_deployment_stack(
         runtime_procs: list[tuple[str, subprocess.Popen]] = []
         if runtime == "persistent":
             runtime_env = dict(stack.env)
+            if threads is not None:
+                runtime_env["OMP_NUM_THREADS"] = runtime_env["MKL_NUM_THREADS"] = str(threads)
             runtime_env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (_package_root(), runtime_env.get("PYTHONPATH", "")) if p)
             for i, port in enumerate(stack.supernode_ports):  # started now: imports overlap the registration
@@ -1291,6 +1302,9 @@ def main(argv: list[str] | None = None) -> int:
                          "flwr-clientapp process per message")
     ap.add_argument("--runtime-app", default=None, metavar="MODULE:ATTR",
                     help="deployment, persistent runtime: ClientApp to serve (default: each run's, from its FAB)")
+    ap.add_argument("--runtime-threads", type=int, default=0, metavar="N",
+                    help="deployment, persistent runtime: torch/OpenMP threads per device runtime (default 0: "
+                         "this machine's cores / SuperNodes, as the devices share them; -1: torch's default)")
     ap.add_argument("--node-config", action="append", default=[],
                     help="extra node_config for every SuperNode, 'k=v ...' (TOML values), repeatable")
     ap.add_argument("--timeout", type=float, default=None)
@@ -1323,8 +1337,12 @@ def main(argv: list[str] | None = None) -> int:
         extra = parse_config_args(args.node_config) if args.node_config else {}
         configs = [{"partition-id": i, "num-partitions": args.num_supernodes, **extra}
                    for i in range(args.num_supernodes)]
-        stack = start_deployment_stack(args.num_supernodes, log_dir=log_dir, node_configs=configs,
-                                       runtime=args.runtime, app=args.runtime_app)
+        try:
+            stack = start_deployment_stack(args.num_supernodes, log_dir=log_dir, node_configs=configs,
+                                           runtime=args.runtime, app=args.runtime_app,
+                                           runtime_threads=None if args.runtime_threads == -1 else args.runtime_threads)
+        except ValueError as exc:  # a bad option: nothing was started
+            ap.error(str(exc))
     rc = 0
     with stack:
         print(f"[specfed_flwr.launch] {stack.kind} SuperLink at {stack.superlink_address}, "
