@@ -36,20 +36,22 @@ bench-quick: setup
 bench: setup
 	$(VENV)/bin/specfed-flwr bench
 
-# ---- deployment engine on this machine (loopback): SuperLink + N SuperNodes + N draft workers ----
+# ---- deployment engine on this machine (loopback): SuperLink + N SuperNodes + their ClientApp runtimes ----
 #   make deploy N=2                      start, run the app once with `flwr run`, stop everything
+#   make deploy N=2 RUNTIME=stock        the same on Flower's stock path (a new ClientApp process per message)
 #   make deploy-up N=2                   start and keep running (state in $(DEPLOY_DIR)/state.json)
 #   make deploy-run RUN_CONFIG='max-new-tokens=32'   run the app against it (repeatable)
 #   make deploy-down                     stop every process deploy-up started (by PID)
+# RUNTIME=persistent (default): each SuperNode runs with --isolation process next to one
+# `specfed-flwr device-runtime`, one ClientApp process for all its messages (draft and KV caches warm).
 # See docs/DEPLOYMENT.md (real devices: TLS, node authentication, remote SuperLink).
 N            ?= 2
+RUNTIME      ?= persistent
 DEPLOY_DIR   ?= $(CURDIR)/.deploy
-WORKER_DRAFT ?= default
-WORKER_QUANT ?= int8
 RUN_CONFIG   ?=
 DEPLOY_RESULTS ?= $(CURDIR)/results/deploy_results.jsonl
 LAUNCH        = $(PY) -m specfed_flwr.launch
-DEPLOY_STACK  = -n $(N) --workers --worker-draft '$(WORKER_DRAFT)' --worker-quantization '$(WORKER_QUANT)'
+DEPLOY_STACK  = -n $(N) --runtime '$(RUNTIME)'
 DEPLOY_CONFIG = -c 'results="$(DEPLOY_RESULTS)"' $(if $(RUN_CONFIG),-c '$(RUN_CONFIG)')
 
 deploy: setup

@@ -309,9 +309,10 @@ def markdown(bench, plots: dict[str, Path], md_path: Path) -> str:
     s.append("\nRatios are medians of per-repetition ratios (same repetition, interleaved). HF assisted generation uses "
              "transformers' own dynamic draft length. Flower rows: 2 SuperNodes in `flwr.simulation.run_simulation`, "
              "K=8, gamma=4, exact; tok/s over the decoding rounds (handshake and model loading excluded; "
-             "`wall_incl_setup_s` in results.json has the total). The deployment row: the same app through `flwr run` "
-             "on real SuperLink/SuperNode processes with draft workers; its tok/s is over the ServerApp's generation "
-             "loop (waiting for the nodes and the handshake included, model loading and stack start-up excluded).\n")
+             "`wall_incl_setup_s` in results.json has the total). The deployment rows: the same app through `flwr run` "
+             "on real SuperLink/SuperNode processes, with the persistent device runtime and with Flower's stock "
+             "process per message; their tok/s is over the ServerApp's generation loop (waiting for the nodes and the "
+             "handshake included, model loading and stack start-up excluded).\n")
     fl = [r for r in bench.records if r.get("engine") in ("flower-simulation", "flower-deployment") and r.get("rounds")]
     if fl:
         s.append("### Flower engines: per-round engine overhead (simulation and deployment side by side)\n")
@@ -320,7 +321,7 @@ def markdown(bench, plots: dict[str, Path], md_path: Path) -> str:
                          "draft model loads per device"],
                         [[r["label"],
                           (f"{_f(r.get('flower_actors'))} Ray actor(s)" if r["engine"] == "flower-simulation"
-                           else f"{r['clients']} SuperNodes + {r['clients']} draft workers"),
+                           else _deployment_processes(r)),
                           r["rounds"],
                           (_f(1000 * r["round_s_median"], ".0f") + " median" if r.get("round_s_median") is not None
                            else _f(1000 * r["round_s_mean"], ".0f") + " mean"),
@@ -338,14 +339,17 @@ def markdown(bench, plots: dict[str, Path], md_path: Path) -> str:
                  "actor for both SuperNodes, which keeps the caches warm but drafts the two clients one after the other, "
                  "so client draft time is the sum over clients (it would be the max with one actor per client). The "
                  "overhead contains Flower's message pickup (a 0.1 s tick in the simulation engine), serialisation, and "
-                 "the server's reconstruction/aggregation (`server other`). The deployment row runs the same app with "
-                 "`flwr run` on `launch.start_deployment_stack` (a real SuperLink, 2 real SuperNodes, one "
-                 "`specfed-flwr draft-worker` per SuperNode holding the draft and its KV caches); its ServerApp is "
-                 "another process, so its split comes from the run summary's totals: round = decode wall / (rounds + 1) "
-                 "(the wall includes the handshake, one more exchange), overhead = round − verify − the slower client's "
-                 "draft time (server work besides verify is inside the overhead). It generates fewer tokens "
-                 f"({pr.deployment_max_new_tokens} per sequence) because every deployment round pays Flower's "
-                 "SuperNode polling and a fresh `flwr-clientapp` process (docs/DEPLOYMENT_NOTES.md).\n")
+                 "the server's reconstruction/aggregation (`server other`). The deployment rows run the same app with "
+                 "`flwr run` on `launch.start_deployment_stack` (a real SuperLink, 2 real SuperNodes), once with one "
+                 "`specfed-flwr device-runtime` per SuperNode (`--isolation process`: one ClientApp process holds the "
+                 "draft and its KV caches for the whole run) and once on Flower's stock path (a new `flwr-clientapp` "
+                 "process per message); the round column is the median strict-round wall time the ServerApp measured. "
+                 "Their ServerApp is another process, so the split comes from the run summary's totals: round = decode "
+                 "wall / (rounds + 1) (the wall includes the handshake, one more exchange), overhead = round − verify − "
+                 "the slower client's draft time (server work besides verify is inside the overhead). They generate "
+                 f"fewer tokens ({pr.deployment_max_new_tokens} per sequence) because every deployment round pays "
+                 "Flower's SuperNode polling (docs/DEPLOYMENT.md).\n")
+    s.append(_deployment_runtimes(a.get("deployment_runtimes")))
     bv = a.get("batched_verification", {})
     s.append("### Batched verification\n")
     if bv.get("status") == "measured":
@@ -493,6 +497,40 @@ def bench_base(bench) -> dict[str, Any]:
     from .bench import BASE
 
     return BASE
+
+
+def _deployment_processes(r: dict[str, Any]) -> str:
+    n = r.get("clients")
+    if r.get("runtime") == "persistent":
+        return f"{n} SuperNodes + {n} device runtimes"
+    return f"{n} SuperNodes, a flwr-clientapp per message"
+
+
+def _deployment_runtimes(cmp: Any) -> str:
+    """The deployment engine's two ClientApp runtimes side by side (analysis['deployment_runtimes'])."""
+    if not isinstance(cmp, dict):
+        return (f"### Deployment engine: persistent device runtime vs stock\n\n{cmp}\n" if cmp else "")
+    rows = []
+    for runtime in ("persistent", "stock"):
+        r = cmp.get(runtime)
+        if not r:
+            rows.append([runtime, "no", "failed / not measured", "–", "–", "–"])
+            continue
+        procs = r.get("clientapp_processes_per_node") or {}
+        rows.append([runtime, "no", _f(r.get("round_s_median"), ".2f"), _f(r.get("reply_gap_s_median"), ".2f"),
+                     _f(r.get("rounds")), ", ".join(str(v) for v in procs.values()) or "–"])
+    out = ["### Deployment engine: persistent device runtime vs stock\n",
+           _table(["ClientApp runtime", "pipelined", "round (s, median)", "reply gap (s, median)", "rounds",
+                   "ClientApp processes per node"], rows)]
+    if cmp.get("met") is not None:
+        verdict = "met" if cmp["met"] else "missed"
+        speed = (f", {cmp['round_speedup_vs_stock']:.2f}x faster than stock" if cmp.get("round_speedup_vs_stock")
+                 else "")
+        out.append(f"\nTarget: a strict round <= {cmp['target_round_s']:.1f} s with the persistent runtime: "
+                   f"**{verdict}**{speed}. Strict rounds (the next round's messages go out after the last reply of "
+                   "this one): a SuperNode sleeps a hard-coded 3 s after an empty pull, which it always finds right after "
+                   "sending its reply, and checks for the ClientApp's reply every 0.5 s; that floor is Flower's.\n")
+    return "\n".join(out) + "\n"
 
 
 def _client_draft(r: dict[str, Any]) -> float:

@@ -203,28 +203,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _add_worker_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default="127.0.0.1:9191",
-                        help="where to listen: HOST:PORT (loopback recommended) or a Unix socket path; "
-                             "give the same value as the SuperNode's node_config worker-address")
-    parser.add_argument("--authkey", default=None,
-                        help="shared secret with the ClientApp (node_config worker-authkey); "
-                             "default: $SPECFED_WORKER_AUTHKEY or the built-in key (loopback only)")
-    parser.add_argument("--draft", default=None,
-                        help="draft model to load before the first message (e.g. default, a HF path, tiny:1)")
-    parser.add_argument("--draft-quantization", default="int8", help="weight quantization of the preloaded draft")
+def _add_device_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Named like ``flower-superexec``'s options where they mean the same (see persistent_runtime.py)."""
+    parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
+                        help="the SuperNode's Runtime API (its --host/--port; default port 9094). The SuperNode "
+                             "must run with --isolation process, so that it does not start its own flower-superexec")
+    parser.add_argument("--app", default=None, metavar="MODULE:ATTR",
+                        help="ClientApp to serve for every run, e.g. specfed_flwr.client_app:app (imported at "
+                             "start); default: each run's ClientApp from its FAB, loaded once")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plain HTTP to the Runtime API (loopback only); without it TLS is used")
+    parser.add_argument("--root-certificates", default=None, metavar="PEM",
+                        help="CA certificate of the Runtime API's TLS certificate (the SuperNode's --ssl-ca-certfile)")
+    parser.add_argument("--superexec-auth-secret-file", default=None, metavar="FILE",
+                        help="the SuperNode's --superexec-auth-secret-file (raw bytes), if it uses one")
+    parser.add_argument("--poll-interval", type=_positive_float, default=0.05, metavar="S",
+                        help="seconds between AcquireTask polls while idle (default 0.05; the SuperNode itself "
+                             "checks for the reply only every 0.5 s)")
+    parser.add_argument("--max-tasks", type=_positive_int, default=None, metavar="N",
+                        help="exit after serving N tasks (default: run until SIGTERM)")
 
 
-def _cmd_worker(args: argparse.Namespace) -> int:
-    import os
+def _cmd_device_runtime(args: argparse.Namespace) -> int:
+    from specfed_flwr.persistent_runtime import main as runtime_main
 
-    from specfed_flwr.worker import DEFAULT_AUTHKEY, run_worker_forever
-
-    key = args.authkey or os.environ.get("SPECFED_WORKER_AUTHKEY")
-    preload = (args.draft, args.draft_quantization) if args.draft else None
-    print(f"{PROG} draft-worker: listening on {args.address}" + (f", preloading {args.draft}" if args.draft else ""),
-          file=sys.stderr, flush=True)
-    return run_worker_forever(args.address, key.encode() if key else DEFAULT_AUTHKEY, preload)
+    return runtime_main(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +251,9 @@ _COMMANDS: tuple[_Command, ...] = (
              _add_generate_args, _cmd_generate),
     _Command("bench", "benchmark suite: writes benchmarks/results.json, BENCHMARKS.md and plots",
              _add_bench_args, _cmd_bench),
-    _Command("draft-worker", "long-lived draft worker for a SuperNode (deployment engine): keeps the "
-                             "draft model and KV caches warm across rounds", _add_worker_args, _cmd_worker),
+    _Command("device-runtime", "persistent ClientApp runtime next to a SuperNode started with --isolation process "
+                               "(deployment engine): one process serves every message, so the draft model and KV "
+                               "caches stay warm", _add_device_runtime_args, _cmd_device_runtime),
 )
 
 

@@ -4,13 +4,14 @@ Two query handlers:
 * ``query.handshake``: load the draft once for this process, report tokenizer fingerprint,
   draft identity, the node's own settings (node_config) and, in per-device mode, its prompts;
 * ``query.draft``: apply the accepted deltas, draft gamma tokens per sequence, reply with the
-  compact top-K arrays and metrics.
+  compact top-K arrays and metrics (with this process's pid and draft-load count).
 
-The work lives in ``device.DeviceRuntime`` (kept per process, so the draft model and the
-KV caches stay warm between rounds). In the deployment engine, where every message gets a
-fresh ClientApp process, the node's ``worker-address`` (node_config) names a long-lived
-draft worker that holds that state instead (see ``worker.py``). A failure becomes a Flower
-error reply, never a crash.
+The work lives in ``device.RUNTIME`` (one per process), so the draft model and the KV caches stay
+warm for as long as the process lives. On the deployment engine that is the whole run when the
+SuperNode's messages go through ``specfed-flwr device-runtime`` (one long-lived process, see
+``persistent_runtime.py``); on Flower's stock path every message gets a fresh ``flwr-clientapp``
+process, which then loads the draft again (correct, slow: warned once per process). A failure
+becomes a Flower error reply, never a crash.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from .records import config_record, reply_content, request_from_content
-from .worker import authkey, call_worker, plain_config
 
-# ``.device`` (torch, transformers, the draft model) is imported only when this process drafts
-# itself: with a draft worker the ClientApp process stays thin (numpy + flwr), which matters on
-# the deployment engine where every message starts a new ClientApp process.
+# ``.device`` (torch, transformers, the draft model) is imported by the first handler call, not at
+# import time: loading the app (``flwr-clientapp``, the device runtime, a Ray actor) stays cheap.
 
 app = ClientApp()
 log = logging.getLogger("specfed_flwr")
@@ -33,19 +32,20 @@ _warned = False
 
 
 def _warn_in_process_load() -> None:
-    """A draft message that finds no model in this process had to load it: in the deployment
-    engine (a new ClientApp process per message) that happens every round."""
+    """A draft message that finds no model in this process had to load it: on the deployment
+    engine's stock path (a new ClientApp process per message) that happens every round."""
     from .device import RUNTIME
 
     global _warned
     if not _warned and not RUNTIME.load_counts:
         _warned = True
         log.warning(
-            "no draft worker configured for this node (node_config worker-address): loading the draft model "
-            "inside the ClientApp process. On Flower's deployment engine every message gets a new process, so "
-            "the model is reloaded and the KV caches rebuilt every round; start `specfed-flwr draft-worker "
-            "--address 127.0.0.1:PORT` next to the SuperNode and pass --node-config "
-            "'worker-address=\"127.0.0.1:PORT\"'")
+            "this ClientApp process has no draft model yet: loading it for this draft message (a device runtime "
+            "restarted mid-run does this once). On Flower's deployment engine's stock path every message gets a "
+            "new process, so the model is reloaded and the "
+            "KV caches rebuilt every round; start the SuperNode with --isolation process and run "
+            "`specfed-flwr device-runtime --runtime-api-address 127.0.0.1:PORT --insecure` next to it "
+            "(PORT = the SuperNode's --port), which keeps one ClientApp process for all messages")
 
 
 def _key(message: Message, context: Context) -> tuple[int, int]:
@@ -54,31 +54,18 @@ def _key(message: Message, context: Context) -> tuple[int, int]:
 
 @app.query("handshake")
 def handshake(message: Message, context: Context) -> Message:
-    server_cfg = plain_config(message.content.config_records["config"])
-    address = context.node_config.get("worker-address")
-    if address:
-        info = call_worker(str(address), ("handshake", _key(message, context), server_cfg,
-                                          plain_config(context.node_config)), key=authkey(context.node_config))
-    else:
-        from .device import RUNTIME, node_settings
+    from .device import RUNTIME, node_settings
 
-        info = RUNTIME.handshake(_key(message, context), node_settings(server_cfg, context.node_config))
+    server_cfg = dict(message.content.config_records["config"])
+    info = RUNTIME.handshake(_key(message, context), node_settings(server_cfg, context.node_config))
     return Message(RecordDict({"info": config_record(info)}), reply_to=message)
 
 
 @app.query("draft")
 def draft(message: Message, context: Context) -> Message:
-    request, server_cfg = request_from_content(message.content)
-    address = context.node_config.get("worker-address")
-    if address:
-        reply, metrics = call_worker(
-            str(address), ("draft", _key(message, context), plain_config(server_cfg),
-                           plain_config(context.node_config), request.arrays(), request.config()),
-            key=authkey(context.node_config),
-        )
-    else:
-        from .device import RUNTIME, node_settings
+    from .device import RUNTIME, node_settings
 
-        _warn_in_process_load()
-        reply, metrics = RUNTIME.draft(_key(message, context), node_settings(server_cfg, context.node_config), request)
+    request, server_cfg = request_from_content(message.content)
+    _warn_in_process_load()
+    reply, metrics = RUNTIME.draft(_key(message, context), node_settings(server_cfg, context.node_config), request)
     return Message(reply_content(reply, metrics), reply_to=message)

@@ -1,7 +1,8 @@
 """The device's side of one round, independent of how messages travel.
 
-The Flower ClientApp and the in-process engine both call ``DraftClient.handle``: free released
-sequences, apply each sequence's accepted delta, draft, and report what it cost.
+The Flower ClientApp (through ``device.DeviceRuntime``) and the in-process engine both call
+``DraftClient.handle``: free released sequences, apply each sequence's accepted delta, draft,
+and report what it cost.
 
 With ``draft_ahead`` the client keeps drafting after it replied, on a background thread, until
 the next request arrives (``proposer.draft_ahead``: guess that every draft is accepted and that

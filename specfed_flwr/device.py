@@ -2,7 +2,8 @@
 
 In the simulation engine several virtual SuperNodes can share one process (a Ray actor),
 so draft models are cached per (spec, quantization) and sequence state per (run, node).
-The ClientApp and the deployment draft worker both go through ``DeviceRuntime``.
+The ClientApp goes through ``DeviceRuntime``; on the deployment engine the process that keeps
+it is ``specfed-flwr device-runtime`` (``persistent_runtime.py``), one per SuperNode.
 """
 
 from __future__ import annotations
@@ -145,5 +146,5 @@ class DeviceRuntime:
         return reply, out
 
 
-#: one per process: the simulation's Ray actor or a deployment draft worker
+#: one per process: the simulation's Ray actor or a deployment device runtime
 RUNTIME = DeviceRuntime()

@@ -10,7 +10,11 @@ collide), both with runtime dependency installation disabled (no ``uv sync``, no
   ``flwr run <app> <connection> --stream`` uses them.
 * :func:`start_deployment_stack` -- ``flower-superlink --insecure`` plus N real
   ``flower-supernode`` processes (each with its own Runtime API ``--port`` and
-  ``--node-config``).
+  ``--node-config``). By default (``runtime="persistent"``) every SuperNode runs with
+  ``--isolation process`` next to one ``specfed-flwr device-runtime`` (process
+  ``runtime-<i>``), which serves all of that node's messages in one warm ClientApp process;
+  ``runtime="stock"`` is Flower's own path (the SuperNode's ``flower-superexec`` starts a new
+  ``flwr-clientapp`` per message), with the SuperExec task poll at 0.1 s on the SuperNodes.
 
 :func:`flwr_run` runs ``flwr run <app> <connection> --stream`` against a stack, waits
 until the run is finished and returns an exit code derived from the *run status*
@@ -58,7 +62,8 @@ __all__ = [
     "RunResult",
     "start_simulation_stack",
     "start_deployment_stack",
-    "worker_command",
+    "runtime_command",
+    "RUNTIMES",
     "flwr_run",
     "attach_stack",
     "stop_from_state",
@@ -76,6 +81,15 @@ DEFAULT_FEDERATION_ID = "@none/default"
 #: Lower costs idle CPU: 0.1 s made an idle 2-node deployment stack use ~24 % of a core
 #: (vs ~5 % at 1.0 s) on this 2-core machine -- CPU taken from the models.
 DEFAULT_SUPEREXEC_POLL_S = 1.0
+#: ... and on the SuperNodes of a stock-path deployment stack, where it is paid once per message:
+#: 0.1 s is the best measured there (SPEC; 0.01 s costs more CPU than it saves on 2 cores).
+#: The SuperLink keeps DEFAULT_SUPEREXEC_POLL_S (paid once per run).
+SUPERNODE_SUPEREXEC_POLL_S = 0.1
+#: How a deployment stack runs ClientApps: ``persistent`` (``specfed-flwr device-runtime`` next to
+#: a SuperNode with ``--isolation process``; the default) or ``stock`` (Flower's process per message).
+RUNTIMES = ("persistent", "stock")
+#: AcquireTask poll of the device runtime while idle (the SuperNode checks replies every 0.5 s).
+DEFAULT_RUNTIME_POLL_S = 0.05
 #: Simulation backend used when ``backend`` is None: one CPU per virtual SuperNode so
 #: that two virtual clients run concurrently on a 2-core machine (Flower's default is 2).
 def single_actor_backend() -> dict[str, Any]:
@@ -332,14 +346,19 @@ class FlowerStack:
     supernode_ports: list[int] = field(default_factory=list)
     node_ids: list[int] = field(default_factory=list)
     node_configs: list[dict] = field(default_factory=list)
-    #: ``host:port`` of each SuperNode's draft worker (deployment with ``draft_workers``)
-    worker_addresses: list[str] = field(default_factory=list)
+    #: deployment: ``persistent`` or ``stock`` (see :data:`RUNTIMES`)
+    runtime: str | None = None
+    #: deployment, persistent runtime: the ClientApp reference each device runtime serves (None:
+    #: each run's ClientApp from its FAB)
+    runtime_app: str | None = None
     backend: dict | None = None
     last_run: RunResult | None = None
     _cleanup_dirs: list[Path] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
     _seen_pids: set[int] = field(default_factory=set, repr=False)
     _run_counter: int = field(default=0, repr=False)
+    #: name -> (command, environment) each started process was started with (for :meth:`restart`)
+    _launch: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict, repr=False)
 
     # -- addresses -----------------------------------------------------------------
     @property
@@ -384,7 +403,7 @@ class FlowerStack:
         """Raise FlowerStackError (with the log tail) if a started process has exited.
 
         ``names``: only check these processes (e.g. ``["superlink"]`` while a run may lose
-        SuperNodes or draft workers on purpose)."""
+        SuperNodes or device runtimes on purpose)."""
         wanted = None if names is None else set(names)
         for proc, name in zip(self.processes, self.process_names):
             if wanted is not None and name not in wanted:
@@ -396,7 +415,7 @@ class FlowerStack:
                 )
 
     def process(self, name: str) -> subprocess.Popen:
-        """The started process called ``name`` (``superlink``, ``supernode-<i>``, ``worker-<i>``)."""
+        """The started process called ``name`` (``superlink``, ``supernode-<i>``, ``runtime-<i>``)."""
         for proc, pname in zip(self.processes, self.process_names):
             if pname == name:
                 return proc
@@ -415,6 +434,27 @@ class FlowerStack:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        return proc.pid
+
+    def restart(self, name: str, *, ready_timeout: float = _START_TIMEOUT_S) -> int:
+        """Start the process called ``name`` again, with the command and environment it was first
+        started with (after :meth:`kill`, or after it died), and return its new pid. A device runtime
+        (``runtime-<i>``) is waited for until it serves its SuperNode again. The old pid stays in
+        the stack's bookkeeping; the new process is stopped with the stack like every other."""
+        if self._stopped:
+            raise FlowerStackError("stack is stopped")
+        old = self.process(name)
+        if old.poll() is None:
+            raise FlowerStackError(f"{name} (pid {old.pid}) is still running: kill it first")
+        if name not in self._launch:
+            raise FlowerStackError(f"{name} cannot be restarted (its command was not recorded)")
+        cmd, env = self._launch[name]
+        idx = self.process_names.index(name)
+        self.processes.pop(idx)
+        self.process_names.pop(idx)
+        proc = _popen(cmd, name=name, stack=self, env=env)
+        if name.startswith("runtime-"):
+            _wait_runtime_ready(self, name, proc, ready_timeout)
         return proc.pid
 
     def stop(self, grace: float = _STOP_GRACE_S) -> None:
@@ -577,7 +617,10 @@ def _prepare_dirs(
     return log_dir, flwr_home, work_dir, cwd, cleanup
 
 
-def _popen(cmd: list[str], *, name: str, stack: FlowerStack) -> subprocess.Popen:
+def _popen(cmd: list[str], *, name: str, stack: FlowerStack, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``cmd`` as stack process ``name`` (own session, log file, the stack's environment
+    unless ``env`` is given), remembering how, so that :meth:`FlowerStack.restart` can redo it."""
+    env = stack.env if env is None else env
     log_path = stack.log_path(name)
     full = list(cmd)
     if _use_pdeathsig():
@@ -591,9 +634,10 @@ def _popen(cmd: list[str], *, name: str, stack: FlowerStack) -> subprocess.Popen
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=str(stack.cwd),
-            env=stack.env,
+            env=env,
             start_new_session=True,
         )
+    stack._launch[name] = (list(cmd), env)
     stack.processes.append(proc)
     stack.process_names.append(name)
     stack._seen_pids.add(proc.pid)
@@ -797,13 +841,14 @@ def start_simulation_stack(
 
 def _start_all_with_port_retry(stack: FlowerStack, names: list[str], make_cmd, what: str,
                                started: list[subprocess.Popen] | None = None,
-                               ports: list[int] | None = None) -> list[int]:
+                               ports: list[int] | None = None, env: dict[str, str] | None = None) -> list[int]:
     """Start ``make_cmd(i, port)`` for every name at once (start-up is CPU bound), then wait
     for each port; a process that lost its port to another process is restarted on a new
-    one. ``started``/``ports``: processes already started with :func:`_popen` (wait only)."""
+    one. ``started``/``ports``: processes already started with :func:`_popen` (wait only).
+    ``env``: their environment (default: the stack's)."""
     ports = list(ports) if ports is not None else [free_port() for _ in names]
     procs = list(started) if started is not None else [
-        _popen(make_cmd(i, ports[i]), name=name, stack=stack) for i, name in enumerate(names)]
+        _popen(make_cmd(i, ports[i]), name=name, stack=stack, env=env) for i, name in enumerate(names)]
     for i, name in enumerate(names):
         for attempt in range(_PORT_RETRIES):
             try:
@@ -817,22 +862,41 @@ def _start_all_with_port_retry(stack: FlowerStack, names: list[str], make_cmd, w
                     stack.processes.pop(idx)
                     stack.process_names.pop(idx)
                     ports[i] = free_port()
-                    procs[i] = _popen(make_cmd(i, ports[i]), name=name, stack=stack)
+                    procs[i] = _popen(make_cmd(i, ports[i]), name=name, stack=stack, env=env)
                     continue
                 raise
     return ports
 
 
-def worker_command(address: str, draft: str | None = None, quantization: str = "int8") -> list[str]:
-    """``specfed-flwr draft-worker --address HOST:PORT [--draft SPEC --draft-quantization Q]``."""
-    try:
-        cmd = [_bin("specfed-flwr")]
-    except FlowerStackError:
-        cmd = [sys.executable, "-m", "specfed_flwr.cli"]
-    cmd += ["draft-worker", "--address", address]
-    if draft:
-        cmd += ["--draft", draft, "--draft-quantization", quantization]
+def _package_root() -> str:
+    """The directory this ``specfed_flwr`` package was imported from (a checkout or site-packages)."""
+    return str(Path(__file__).resolve().parents[1])
+
+
+def runtime_command(runtime_api_address: str, *, app: str | None = None,
+                    poll_s: float = DEFAULT_RUNTIME_POLL_S) -> list[str]:
+    """``python -m specfed_flwr.cli device-runtime --runtime-api-address HOST:PORT --insecure ...``.
+
+    Run with this interpreter and (see :func:`start_deployment_stack`) this package on
+    ``PYTHONPATH``, so the runtime is the launcher's own code, not whatever ``specfed-flwr`` script
+    comes first on ``PATH``."""
+    cmd = [sys.executable, "-m", "specfed_flwr.cli", "device-runtime", "--runtime-api-address",
+           runtime_api_address, "--insecure", "--poll-interval", repr(float(poll_s))]
+    if app:
+        cmd += ["--app", app]
     return cmd
+
+
+_RUNTIME_READY = re.compile(r"device runtime \(pid (\d+)\) serving")
+
+
+def _wait_runtime_ready(stack: FlowerStack, name: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Until the device runtime logs that it serves (it checked the Flower version, the options and
+    imported ``--app``); a runtime that exits instead fails the stack with its log tail."""
+    def ready() -> bool:
+        return any(int(m.group(1)) == proc.pid for m in _RUNTIME_READY.finditer(_tail(stack.log_path(name), 400)))
+
+    _wait_until(ready, proc=proc, name=name, stack=stack, timeout=timeout, what="to serve its SuperNode")
 
 
 def start_deployment_stack(
@@ -844,66 +908,81 @@ def start_deployment_stack(
     work_dir: Path | None = None,
     cwd: Path | None = None,
     superexec_poll_s: float = DEFAULT_SUPEREXEC_POLL_S,
-    draft_workers: bool = False,
-    worker_draft: str | None = None,
-    worker_quantization: str = "int8",
+    runtime: str = "persistent",
+    app: str | None = None,
+    supernode_superexec_poll_s: float = SUPERNODE_SUPEREXEC_POLL_S,
+    runtime_poll_s: float = DEFAULT_RUNTIME_POLL_S,
+    runtime_threads: int | None = 0,
 ) -> FlowerStack:
     """Start ``flower-superlink --insecure`` and N ``flower-supernode`` processes.
 
     ``node_configs[i]`` becomes ``--node-config`` of SuperNode i (default
     ``{"partition-id": i, "num-partitions": N}``, like the simulation engine). Returns
-    once every SuperNode has registered (its log shows ``SuperNode ID: <id>``); the ids
-    are in ``stack.node_ids``.
+    once every SuperNode has registered (its log shows ``SuperNode ID: <id>``) and, with the
+    persistent runtime, every device runtime serves; the ids are in ``stack.node_ids``.
 
-    ``draft_workers``: also start one ``specfed-flwr draft-worker`` per SuperNode (process
-    ``worker-<i>``, on its own loopback port, preloading ``worker_draft`` when given) and
-    add ``worker-address="127.0.0.1:<port>"`` to that SuperNode's node_config, so its
-    ClientApps hand every message to the warm worker. The stack draws a random worker
-    authkey and passes it to the workers and the ClientApps as ``SPECFED_WORKER_AUTHKEY``
-    (environment, not command line). Workers are stopped with the stack, by PID.
+    ``runtime="persistent"`` (default): every SuperNode runs with ``--isolation process`` and gets
+    one ``specfed-flwr device-runtime`` (process ``runtime-<i>``, this package's code, on its
+    Runtime API port, AcquireTask poll ``runtime_poll_s``), which runs all of that node's
+    ClientApp tasks in one process -- ``app`` (``module:attr``) if given, else each run's ClientApp
+    from its FAB. ``runtime="stock"``: Flower's own path, the SuperNode's ``flower-superexec``
+    starts a new ``flwr-clientapp`` per message; its task poll is ``supernode_superexec_poll_s``
+    (0.1 s, the best measured) on the SuperNodes, ``superexec_poll_s`` on the SuperLink. Every
+    process is stopped with the stack, by PID.
+
+    ``runtime_threads``: intra-op threads (``OMP_NUM_THREADS``) of each device runtime. All the
+    "devices" of a loopback stack share this machine's cores and draft at the same time, so the
+    default 0 gives each ``max(1, cores // N)``; None leaves torch's default (all cores each).
     """
     if node_configs is not None and len(node_configs) != num_supernodes:
         raise ValueError("len(node_configs) must equal num_supernodes")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if app is not None and runtime != "persistent":
+        raise ValueError("app= selects the ClientApp of the persistent device runtime; the stock path always "
+                         "loads each run's ClientApp from its FAB")
+    for label, value in (("superexec_poll_s", superexec_poll_s), ("supernode_superexec_poll_s", supernode_superexec_poll_s),
+                         ("runtime_poll_s", runtime_poll_s)):
+        if not 0.01 <= float(value) <= 60.0:  # Flower's own bounds for the SuperExec poll
+            raise ValueError(f"{label} must be in [0.01, 60] seconds, got {value!r}")
+    if runtime_threads is not None and (isinstance(runtime_threads, bool) or int(runtime_threads) < 0):
+        raise ValueError(f"runtime_threads must be >= 1, 0 (auto) or None, got {runtime_threads!r}")
+    threads = None if runtime_threads is None else (
+        int(runtime_threads) or max(1, (os.cpu_count() or 1) // max(1, num_supernodes)))
     stack = _new_stack("deployment", num_supernodes, log_dir, flwr_home, work_dir, cwd,
                        superexec_poll_s)
+    stack.runtime, stack.runtime_app = runtime, app
     try:
         configs = [dict(c) for c in node_configs] if node_configs else [
             {"partition-id": i, "num-partitions": num_supernodes} for i in range(num_supernodes)
         ]
-        worker_names = [f"worker-{i}" for i in range(num_supernodes)] if draft_workers else []
-        worker_ports: list[int] = []
-        worker_procs: list[subprocess.Popen] = []
-        if draft_workers:
-            import secrets
-
-            stack.env["SPECFED_WORKER_AUTHKEY"] = secrets.token_hex(16)
-
-            def worker_cmd(i: int, port: int) -> list[str]:
-                return worker_command(f"{LOOPBACK}:{port}", worker_draft, worker_quantization)
-
-            # start the workers first: their imports and model load overlap the SuperLink's start
-            worker_ports = [free_port() for _ in worker_names]
-            worker_procs = [_popen(worker_cmd(i, worker_ports[i]), name=n, stack=stack)
-                            for i, n in enumerate(worker_names)]
         _start_superlink(stack, simulation=False)
-        if draft_workers:
-            worker_ports = _start_all_with_port_retry(stack, worker_names, worker_cmd, "draft worker port",
-                                                      started=worker_procs, ports=worker_ports)
-            stack.worker_addresses = [f"{LOOPBACK}:{port}" for port in worker_ports]
-            for cfg, address in zip(configs, stack.worker_addresses):
-                cfg["worker-address"] = address
         stack.node_configs = [dict(c) for c in configs]
         names = [f"supernode-{i}" for i in range(num_supernodes)]
+        supernode_env = dict(stack.env, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(float(supernode_superexec_poll_s)))
 
         def make_cmd(i: int, port: int) -> list[str]:
             cmd = [_bin("flower-supernode"), "--insecure", "--superlink",
                    stack.superlink_address, "--host", LOOPBACK, "--port", str(port)]
+            if runtime == "persistent":
+                cmd += ["--isolation", "process"]
             if configs[i]:
                 cmd += ["--node-config", format_config_args(configs[i])]
             return cmd
 
         # Each SuperNode needs its own Runtime API port (--port).
-        stack.supernode_ports = _start_all_with_port_retry(stack, names, make_cmd, "Runtime API port")
+        stack.supernode_ports = _start_all_with_port_retry(stack, names, make_cmd, "Runtime API port",
+                                                           env=supernode_env)
+        runtime_procs: list[tuple[str, subprocess.Popen]] = []
+        if runtime == "persistent":
+            runtime_env = dict(stack.env)
+            if threads is not None:
+                runtime_env["OMP_NUM_THREADS"] = runtime_env["MKL_NUM_THREADS"] = str(threads)
+            runtime_env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (_package_root(), runtime_env.get("PYTHONPATH", "")) if p)
+            for i, port in enumerate(stack.supernode_ports):  # started now: imports overlap the registration
+                cmd = runtime_command(f"{LOOPBACK}:{port}", app=app, poll_s=runtime_poll_s)
+                runtime_procs.append((f"runtime-{i}", _popen(cmd, name=f"runtime-{i}", stack=stack, env=runtime_env)))
         node_ids: dict[str, int] = {}
         deadline = time.monotonic() + _START_TIMEOUT_S
         for name in names:
@@ -917,6 +996,8 @@ def start_deployment_stack(
 
             _wait_until(registered, proc=proc, name=name, stack=stack,
                         timeout=max(1.0, deadline - time.monotonic()), what="registration at the SuperLink")
+        for name, proc in runtime_procs:
+            _wait_runtime_ready(stack, name, proc, max(1.0, deadline - time.monotonic()))
         stack.node_ids = [node_ids[n] for n in names]
         stack.check_alive()
         stack.pids()
@@ -1018,7 +1099,7 @@ def flwr_run(
 
     if stack._stopped:
         raise FlowerStackError("stack is stopped")
-    stack.check_alive(["superlink"])  # SuperNodes/workers may go away: the app copes
+    stack.check_alive(["superlink"])  # SuperNodes/device runtimes may go away: the app copes
     app_dir = Path(app_dir).expanduser().resolve()
     if not (app_dir / "pyproject.toml").exists():
         raise FileNotFoundError(f"{app_dir}/pyproject.toml not found")
@@ -1104,7 +1185,7 @@ def flwr_run(
                 deadline is not None and time.monotonic() > deadline
             ):
                 break
-            stack.check_alive(["superlink"])  # SuperNodes/workers may go away: the app copes
+            stack.check_alive(["superlink"])  # SuperNodes/device runtimes may go away: the app copes
             time.sleep(0.5)
 
     if timed_out:
@@ -1154,7 +1235,8 @@ def _write_state(stack: FlowerStack, path: Path) -> None:
         "cwd": str(stack.cwd),
         "node_ids": stack.node_ids,
         "node_configs": stack.node_configs,
-        "worker_addresses": stack.worker_addresses,
+        "runtime": stack.runtime,
+        "runtime_app": stack.runtime_app,
         "processes": {name: proc.pid for name, proc in zip(stack.process_names, stack.processes)},
         "pids": sorted(stack.pids()),
     }
@@ -1180,7 +1262,7 @@ def attach_stack(state_file: Path) -> FlowerStack:
         env=_base_env(state["stack_id"] + "-cli", flwr_home, DEFAULT_SUPEREXEC_POLL_S),
         stack_id=state["stack_id"] + "-cli", node_ids=list(state.get("node_ids") or []),
         node_configs=list(state.get("node_configs") or []),
-        worker_addresses=list(state.get("worker_addresses") or []),
+        runtime=state.get("runtime"), runtime_app=state.get("runtime_app"),
         _run_counter=len(list(Path(state["log_dir"]).glob("run-*.log"))) + 100,
     )
 
@@ -1208,10 +1290,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m specfed_flwr.launch {simulation,deployment,run,down} [options]``.
 
     ``simulation`` / ``deployment``: start a stack, run ``flwr run`` once with streamed
-    logs, stop the stack and exit with :func:`flwr_run`'s code. ``--workers`` (deployment)
-    starts a draft worker next to every SuperNode. ``--keep`` leaves the stack up until
-    Ctrl-C/SIGTERM (``--no-run``: start only) and, with ``--state FILE``, records it so that
-    ``run --state FILE`` runs the app against it and ``down --state FILE`` stops it.
+    logs, stop the stack and exit with :func:`flwr_run`'s code. ``--runtime`` (deployment) picks
+    how ClientApps run: ``persistent`` (default; one ``specfed-flwr device-runtime`` per SuperNode,
+    one warm process for all messages) or ``stock`` (Flower's new process per message). ``--keep``
+    leaves the stack up until Ctrl-C/SIGTERM (``--no-run``: start only) and, with ``--state FILE``,
+    records it so that ``run --state FILE`` runs the app against it and ``down --state FILE`` stops it.
     """
     import argparse
 
@@ -1226,10 +1309,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-c", "--run-config", action="append", default=[],
                     help="'k1=v1 k2=\"s\"' (TOML values), repeatable")
     ap.add_argument("--client-cpus", type=int, default=1, help="simulation: CPUs per virtual SuperNode")
-    ap.add_argument("--workers", action="store_true",
-                    help="deployment: one `specfed-flwr draft-worker` per SuperNode (worker-address in node_config)")
-    ap.add_argument("--worker-draft", default=None, help="draft model each worker preloads (e.g. default, tiny:1)")
-    ap.add_argument("--worker-quantization", default="int8")
+    ap.add_argument("--runtime", choices=RUNTIMES, default="persistent",
+                    help="deployment: persistent = one `specfed-flwr device-runtime` per SuperNode (--isolation "
+                         "process; the ClientApp process lives for the whole run; default), stock = Flower's "
+                         "flwr-clientapp process per message")
+    ap.add_argument("--runtime-app", default=None, metavar="MODULE:ATTR",
+                    help="deployment, persistent runtime: ClientApp to serve (default: each run's, from its FAB)")
+    ap.add_argument("--runtime-threads", type=int, default=0, metavar="N",
+                    help="deployment, persistent runtime: torch/OpenMP threads per device runtime (default 0: "
+                         "this machine's cores / SuperNodes, as the devices share them; -1: torch's default)")
     ap.add_argument("--node-config", action="append", default=[],
                     help="extra node_config for every SuperNode, 'k=v ...' (TOML values), repeatable")
     ap.add_argument("--timeout", type=float, default=None)
@@ -1262,14 +1350,17 @@ def main(argv: list[str] | None = None) -> int:
         extra = parse_config_args(args.node_config) if args.node_config else {}
         configs = [{"partition-id": i, "num-partitions": args.num_supernodes, **extra}
                    for i in range(args.num_supernodes)]
-        stack = start_deployment_stack(args.num_supernodes, log_dir=log_dir, node_configs=configs,
-                                       draft_workers=args.workers, worker_draft=args.worker_draft,
-                                       worker_quantization=args.worker_quantization)
+        try:
+            stack = start_deployment_stack(args.num_supernodes, log_dir=log_dir, node_configs=configs,
+                                           runtime=args.runtime, app=args.runtime_app,
+                                           runtime_threads=None if args.runtime_threads == -1 else args.runtime_threads)
+        except ValueError as exc:  # a bad option: nothing was started
+            ap.error(str(exc))
     rc = 0
     with stack:
         print(f"[specfed_flwr.launch] {stack.kind} SuperLink at {stack.superlink_address}, "
               f"connection '{stack.federation}', logs in {stack.log_dir}"
-              + (f", draft workers at {', '.join(stack.worker_addresses)}" if stack.worker_addresses else ""),
+              + (f", ClientApps: {stack.runtime} runtime" if stack.kind == "deployment" else ""),
               flush=True)
         if args.state is not None:
             _write_state(stack, args.state)

@@ -1,11 +1,13 @@
-"""The Flower app on Flower's DEPLOYMENT engine: a real SuperLink, real SuperNodes, one
-``specfed-flwr draft-worker`` per SuperNode, all on 127.0.0.1, driven by ``flwr run``.
+"""The Flower app on Flower's DEPLOYMENT engine: a real SuperLink, real SuperNodes (``--isolation
+process``), one ``specfed-flwr device-runtime`` per SuperNode, all on 127.0.0.1, driven by ``flwr run``.
 
-* greedy output == the target's own ``generate`` == the simulation engine's output, with
-  the draft loaded once per device (the worker's load count, in the run summary);
-* killing a draft worker or a SuperNode mid-run: the run finishes with the other device,
-  the fault is in the summary, nothing already generated is lost; with no device left the
-  server finishes by target-only decoding;
+* greedy output == the target's own ``generate`` == the simulation engine's output, with the
+  draft loaded once per device and every message of the run (handshake included) answered by
+  the same ClientApp process per node: the device runtime's pid;
+* killing a device runtime or a SuperNode mid-run: the run finishes with the other device, the
+  fault is in the summary, nothing already generated is lost; a restarted device runtime rejoins
+  (it gets the probe and later messages and answers them from its new process); with no device
+  left the server finishes by target-only decoding;
 * every process the stack started is gone afterwards, also when the test fails.
 
 Plus (no Flower processes): the measured round time feeds the adaptive controller.
@@ -14,6 +16,7 @@ Plus (no Flower processes): the measured round time feeds the adaptive controlle
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -68,9 +71,8 @@ def _summary(cfg: dict) -> dict:
     return json.loads(summary_path_for(cfg["results"]).read_text())
 
 
-def _start(tmp_path: Path, n: int = 2) -> FlowerStack:
-    return start_deployment_stack(n, log_dir=tmp_path / "logs", draft_workers=True,
-                                  worker_draft="tiny:0", worker_quantization="none")
+def _start(tmp_path: Path, n: int = 2, runtime: str = "persistent") -> FlowerStack:
+    return start_deployment_stack(n, log_dir=tmp_path / "logs", runtime=runtime)
 
 
 def _assert_nothing_left(stack: FlowerStack, pids: set[int]) -> None:
@@ -108,12 +110,13 @@ def test_deployment_greedy_equals_target_and_simulation(tmp_path: Path) -> None:
     stack = _start(tmp_path)
     pids: set[int] = set()
     try:
-        assert len(stack.worker_addresses) == 2
-        assert all(c["worker-address"] == a for c, a in zip(stack.node_configs, stack.worker_addresses))
+        assert stack.runtime == "persistent"
+        runtime_pid = {str(n): stack.process(f"runtime-{i}").pid for i, n in enumerate(stack.node_ids)}
         pids = stack.pids()
         rc = flwr_run(stack, APP_DIR, cfg, stream=False, timeout=RUN_TIMEOUT)
         pids |= stack.pids()
         assert rc == 0, _run_log(stack)
+        runtime_logs = [stack.log_path(f"runtime-{i}").read_text() for i in range(2)]
     finally:
         _assert_nothing_left(stack, pids)
     expected = _oracle(prompts, 10)
@@ -123,22 +126,42 @@ def test_deployment_greedy_equals_target_and_simulation(tmp_path: Path) -> None:
     assert got == expected
     summary = _summary(cfg)
     assert summary["rounds"] >= 2 and summary["accepted"] > 0  # multi-token rounds over the transport
-    # acceptance 2: each device loaded its draft once (in its worker) for the whole run
+    # acceptance 2: every message of the run (the handshake and each round's draft) was answered by
+    # ONE process per node -- the device runtime started next to that node's SuperNode -- which
+    # loaded the draft once
+    for node, counts in summary["reply_pids"].items():
+        assert counts == {str(runtime_pid[node]): summary["clients"][node]["rounds_replied"] + 1}, (node, counts)
     assert sorted(summary["draft_loads"].values()) == [1, 1], summary["draft_loads"]
     assert summary["ephemeral_nodes"] == []
-    assert all(not s["faults"] for s in summary["clients"].values()), summary["clients"]
+    assert all(not s["faults"] and not s["resyncs"] for s in summary["clients"].values()), summary["clients"]
+    assert all(log.count("): completed in") == summary["clients"][str(n)]["rounds_replied"] + 1
+               for log, n in zip(runtime_logs, stack.node_ids)), "each runtime served each of its messages once"
     # ... and the simulation engine gives the same tokens
     assert _simulation_output(tmp_path, prompts, cfg) == expected
 
 
+def _served(stack: FlowerStack, name: str) -> int:
+    """Tasks a device runtime has finished so far (one log line each)."""
+    try:
+        return stack.log_path(name).read_text(errors="replace").count("): completed in")
+    except OSError:
+        return 0
+
+
 def _kill_when(stack: FlowerStack, cfg: dict, names: list[str], lines: int, killed: list[int]) -> threading.Thread:
-    """Kill ``names`` once the results file has ``lines`` lines (mid-run)."""
+    """Kill ``names`` once the results file has ``lines`` lines (mid-run). A device runtime is
+    killed right after it finished a task: it then waits for the node's next message (the SuperNode
+    sleeps 3 s after its reply), so the kill finds it between tasks, not holding a task's token."""
 
     def watch() -> None:
         deadline = time.monotonic() + RUN_TIMEOUT
         while time.monotonic() < deadline:
             if len(_records(cfg)) >= lines:
                 for name in names:
+                    if name.startswith("runtime-"):
+                        done = _served(stack, name)
+                        while _served(stack, name) == done and time.monotonic() < deadline:
+                            time.sleep(0.02)
                     killed.append(stack.kill(name))
                 return
             time.sleep(0.05)
@@ -148,24 +171,46 @@ def _kill_when(stack: FlowerStack, cfg: dict, names: list[str], lines: int, kill
     return thread
 
 
-def _fault_run(tmp_path: Path, kill: list[str], **overrides) -> tuple[dict, dict, list[dict], str]:
-    # 4 active at a time, 12 prompts: three waves; the kill lands after the first wave
+def _fault_run(tmp_path: Path, kill: list[str], restart: bool = False, **overrides) -> tuple[dict, dict, str, list[int]]:
+    """12 prompts, 4 active at a time (three waves); ``kill`` lands after the first results line.
+    ``restart``: start the killed device runtime again once the server has logged its missed round.
+    Returns the summary, process name -> node id, the run log and the killed/restarted pids."""
     prompts = _prompts(12, seed=5)
-    # a dead device is dropped after one missed round and not probed again in this short run
-    cfg = _run_config(tmp_path, prompts, **{"max-active-sequences": 4, "round-timeout": 30.0,
+    # by default a dead device is dropped after one missed round and not probed again in this short run
+    cfg = _run_config(tmp_path, prompts, **{"max-active-sequences": 4, "round-timeout": 15.0,
                                             "max-missed-rounds": 1, "rejoin-after-rounds": 50, **overrides})
     stack = _start(tmp_path)
     pids: set[int] = set()
     killed: list[int] = []
+    restarted: list[int] = []
     try:
-        node_of = {f"worker-{i}": str(n) for i, n in enumerate(stack.node_ids)}
+        node_of = {f"runtime-{i}": str(n) for i, n in enumerate(stack.node_ids)}
         node_of.update({f"supernode-{i}": str(n) for i, n in enumerate(stack.node_ids)})
         pids = stack.pids()
         watcher = _kill_when(stack, cfg, kill, 1, killed)
+        restarter = None
+        if restart:
+            def restart_after_fault() -> None:
+                watcher.join(RUN_TIMEOUT)
+                run_log = stack.log_dir / f"run-{stack._run_counter}.log"
+                deadline = time.monotonic() + RUN_TIMEOUT
+                # the server's round line names the nodes that missed it: "... faults=<id>[,<id>]"
+                pattern = re.compile(r"faults=[\d,]*\b" + node_of[kill[0]] + r"\b")
+                while time.monotonic() < deadline:
+                    if run_log.exists() and pattern.search(run_log.read_text(errors="replace")):
+                        restarted.append(stack.restart(kill[0]))
+                        return
+                    time.sleep(0.1)
+
+            restarter = threading.Thread(target=restart_after_fault, daemon=True)
+            restarter.start()
         rc = flwr_run(stack, APP_DIR, cfg, stream=False, timeout=RUN_TIMEOUT)
         watcher.join(timeout=5)
+        if restarter is not None:
+            restarter.join(timeout=5)
         pids |= stack.pids()
         assert killed, "the run ended before the kill"
+        assert not restart or restarted, "the run ended before the killed runtime could be restarted"
         assert rc == 0, _run_log(stack)
         run_log = stack.last_run.log_path.read_text()
     finally:
@@ -174,29 +219,47 @@ def _fault_run(tmp_path: Path, kill: list[str], **overrides) -> tuple[dict, dict
     # nothing lost, nothing twice, and still exactly the target's greedy output
     assert sorted(r["index"] for r in records) == list(range(len(prompts)))
     assert {r["index"]: r["token_ids"] for r in records} == dict(enumerate(_oracle(prompts, 10)))
-    return _summary(cfg), node_of, records, run_log
+    return _summary(cfg), node_of, run_log, killed + restarted
 
 
 @pytest.mark.flower
-@pytest.mark.parametrize("victim", ["worker-0", "supernode-1"])
-def test_deployment_survives_a_dead_device(tmp_path: Path, victim: str) -> None:
-    summary, node_of, _, _ = _fault_run(tmp_path, [victim])
-    dead, alive = node_of[victim], next(n for k, n in node_of.items() if n != node_of[victim])
+def test_deployment_survives_a_dead_supernode(tmp_path: Path) -> None:
+    summary, node_of, _, _ = _fault_run(tmp_path, ["supernode-1"])
+    dead, alive = node_of["supernode-1"], node_of["supernode-0"]
     faults = summary["clients"][dead]["faults"]
-    assert faults, summary["clients"]
-    if victim.startswith("worker"):  # the ClientApp says why: its worker is gone
-        assert any("no draft worker at" in f for f in faults), faults
-    else:  # a dead SuperNode just stops answering
-        assert any("deadline" in f for f in faults), faults
+    assert any("deadline" in f for f in faults), faults  # a dead SuperNode just stops answering
     # the survivor kept drafting after the kill
     assert summary["clients"][alive]["rounds_replied"] > summary["clients"][dead]["rounds_replied"]
     assert summary["accepted"] > 0
 
 
 @pytest.mark.flower
+def test_deployment_killed_device_runtime_faults_then_rejoins(tmp_path: Path) -> None:
+    """Acceptance 3: SIGKILL a persistent device runtime between two of its tasks. Its node misses
+    the next round (the fault is listed), the run goes on with the other node and still gives the
+    target's output; the runtime is started again, the server's probe two rounds later reaches it
+    and the node drafts again -- answered from the new process, with whole sequences (its caches
+    died with the old one), and not mistaken for a node that starts a process per message."""
+    summary, node_of, run_log, (old_pid, new_pid) = _fault_run(
+        tmp_path, ["runtime-0"], restart=True, **{"rejoin-after-rounds": 2})
+    node, other = node_of["runtime-0"], node_of["runtime-1"]
+    stats = summary["clients"][node]
+    assert any("deadline" in f for f in stats["faults"]), stats["faults"]
+    assert any("deselected" in e for e in stats["events"]), stats["events"]
+    assert any("rejoined" in e for e in stats["events"]), stats["events"]  # it replied to the probe in time
+    # it replied from both processes: the old one before the kill, the restarted one after it
+    counts = summary["reply_pids"][node]
+    assert set(counts) == {str(old_pid), str(new_pid)} and counts[str(new_pid)] >= 1, (counts, old_pid, new_pid)
+    assert summary["draft_loads"][node] == 1  # the new process loaded the draft once, too
+    assert summary["ephemeral_nodes"] == []
+    assert set(summary["reply_pids"][other]) == {next(iter(summary["reply_pids"][other]))}  # untouched node: one pid
+    assert summary["accepted"] > 0
+
+
+@pytest.mark.flower
 def test_deployment_no_device_left_finishes_target_only(tmp_path: Path) -> None:
-    summary, node_of, _, run_log = _fault_run(tmp_path, ["worker-0", "worker-1"])
-    for name in ("worker-0", "worker-1"):
+    summary, node_of, run_log, _ = _fault_run(tmp_path, ["runtime-0", "runtime-1"])
+    for name in ("runtime-0", "runtime-1"):
         assert summary["clients"][node_of[name]]["faults"], summary["clients"]
     assert "0/0 clients" in run_log  # rounds with nobody asked: the target decodes alone
 
@@ -235,50 +298,3 @@ def test_measured_round_cost_lengthens_adaptive_drafts() -> None:
     (fast, b_fast), (slow, b_slow) = run(0.05), run(5.0)
     assert b_slow > 1.0 > b_fast  # the measured exchange time minus draft compute
     assert slow > fast, (fast, slow)
-
-
-def test_worker_keeps_one_draft_warm_and_refuses_strangers() -> None:
-    """The draft worker in a thread: a port probe or a wrong authkey does not stop it, the
-    model is loaded once across handshake + several rounds, and an absent worker is named."""
-    import socket
-
-    from specfed_flwr.device import DeviceRuntime
-    from specfed_flwr.launch import free_port
-    from specfed_flwr.protocol import DraftRequest
-    from specfed_flwr.worker import WorkerUnavailable, call_worker, serve_worker
-
-    address = f"127.0.0.1:{free_port()}"
-    runtime, ready, stop = DeviceRuntime(), threading.Event(), threading.Event()
-    thread = threading.Thread(target=serve_worker, args=(address,), daemon=True,
-                              kwargs={"key": b"k1", "runtime": runtime, "preload": ("tiny:0", "none"),
-                                      "ready": ready, "stop": stop})
-    thread.start()
-    assert ready.wait(60)
-    try:
-        host, port = address.rsplit(":", 1)
-        socket.create_connection((host, int(port)), timeout=5).close()  # a readiness probe
-        with pytest.raises(WorkerUnavailable, match="authkey"):
-            call_worker(address, ("ping",), key=b"wrong")
-        server_cfg = {"draft": "tiny:0", "draft-quantization": "none", "max-k": 64, "max-gamma": 16}
-        info = call_worker(address, ("handshake", (1, 7), server_cfg, {}), key=b"k1")
-        assert info["vocab_size"] == VOCAB and info["draft_loads"] == 1
-        prompt = _prompts(1, seed=2)[0]
-        known = []
-        for rnd in range(1, 4):
-            committed = prompt + [5] * (rnd - 1)
-            req = DraftRequest.build([(1, len(known), committed[len(known):], 3)], k=4, temperature=0.0,
-                                     sampling="sparse", seed=0, round=rnd, release=[])
-            reply, metrics = call_worker(address, ("draft", (1, 7), server_cfg, {}, req.arrays(), req.config()),
-                                         key=b"k1")
-            known = committed
-            assert metrics["draft_loads"] == 1
-        assert call_worker(address, ("ping",), key=b"k1")["draft_loads"] == 1
-    finally:
-        stop.set()
-        try:
-            call_worker(address, ("ping",), key=b"k1", timeout=5)  # wake accept() so the loop sees stop
-        except Exception:
-            pass
-        thread.join(timeout=10)
-    with pytest.raises(WorkerUnavailable, match="no draft worker at"):
-        call_worker(address, ("ping",), key=b"k1")

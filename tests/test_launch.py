@@ -1,7 +1,9 @@
 """specfed_flwr.launch against Flower's real engines, with the tiny echo app in fixtures/.
 
 Simulation: ``flower-superlink --insecure --simulation`` + ``flwr run``. Deployment:
-``flower-superlink --insecure`` + 2 ``flower-supernode`` + ``flwr run``. Each test checks
+``flower-superlink --insecure`` + 2 ``flower-supernode`` + ``flwr run`` on Flower's stock ClientApp
+path (the default persistent runtime has tests/test_persistent_runtime.py; the launcher-death test
+uses it). Each test checks
 one reply per node in the JSON the ServerApp wrote, and that after ``stop()`` no process
 the stack started (or Flower started for it) is alive.
 """
@@ -97,12 +99,25 @@ def test_simulation_stack_echo(tmp_path: Path) -> None:
     _assert_all_dead(stack, pids)
 
 
+def _env_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").split("=", 1) for e in raw if b"=" in e)
+
+
 def test_deployment_stack_echo(tmp_path: Path) -> None:
+    """Flower's stock ClientApp path (``runtime="stock"``): a flwr-clientapp process per message.
+    The persistent device runtime has its own round-trip test (tests/test_persistent_runtime.py)."""
     out = tmp_path / "dep.json"
     cfgs = [{"partition-id": 0, "name": "edge a"}, {"partition-id": 1, "name": "edge b"}]
-    with start_deployment_stack(2, log_dir=tmp_path / "logs", node_configs=cfgs) as stack:
-        assert stack.kind == "deployment"
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        start_deployment_stack(2, log_dir=tmp_path / "bad", runtime="warm")
+    with start_deployment_stack(2, log_dir=tmp_path / "logs", node_configs=cfgs, runtime="stock") as stack:
+        assert stack.kind == "deployment" and stack.runtime == "stock"
+        assert not any(n.startswith("runtime-") for n in stack.process_names)
         assert len(stack.node_ids) == 2 and len(set(stack.supernode_ports)) == 2
+        if sys.platform.startswith("linux"):  # the best stock SuperExec poll, on the SuperNodes only
+            assert _env_of(stack.process("supernode-0").pid)["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"
+            assert _env_of(stack.process("superlink").pid)["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "1.0"
         # rounds=0: only the warm-up round (a deployment round costs seconds, see the notes)
         rc = flwr_run(stack, ECHO_APP, {"out": str(out), "rounds": 0, "mode": "push-pull"},
                       stream=False, timeout=RUN_TIMEOUT)

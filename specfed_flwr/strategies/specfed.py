@@ -67,7 +67,7 @@ class SpecFedStrategy(Strategy):
         tokenizer_fingerprint: dict[str, Any] | None = None,
         on_finished: Callable[[SequenceResult], None] | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
-        poll_interval: float = 0.005,
+        poll_interval: float | None = None,
     ):
         self.target = target
         self.config = config
@@ -76,7 +76,9 @@ class SpecFedStrategy(Strategy):
         self.fingerprint = tokenizer_fingerprint or {"vocab_size": target.vocab_size, "vocab_sha256": ""}
         self.on_finished = on_finished
         self.on_round = on_round
+        #: seconds between reply pulls; None = by engine (:meth:`poll_for`)
         self.poll_interval = poll_interval
+        self._poll = 0.005
 
     # Flower's train/evaluate hooks: this strategy has no training rounds.
     def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
@@ -97,8 +99,22 @@ class SpecFedStrategy(Strategy):
             cfg.mode, cfg.top_k, cfg.draft_length, cfg.reconstruction, cfg.selection_scheme(), cfg.temperature, cfg.exact())
 
     # ---- transport ---------------------------------------------------------------------------
-    def _exchange(self, grid: Grid, messages: dict[str, Message], timeout: float) -> tuple[dict[str, Message], float]:
-        """Push all, pull with a short poll until every reply is in or the deadline passes."""
+    #: reply poll on Flower's deployment engine: every pull is an HTTP call to the SuperLink, and a
+    #: reply is listed before its objects are stored, so a 5 ms poll often hits Flower's 1 s initial
+    #: object-pull backoff (SPEC: 50 ms measured better); in-memory grids (simulation) poll 5 ms
+    DEPLOYMENT_POLL_S = 0.05
+    SIMULATION_POLL_S = 0.005
+
+    def poll_for(self, grid: Grid) -> float:
+        """The reply poll for this grid: the explicit ``poll_interval``, else by engine."""
+        if self.poll_interval is not None:
+            return float(self.poll_interval)
+        return self.SIMULATION_POLL_S if type(grid).__name__ == "InMemoryGrid" else self.DEPLOYMENT_POLL_S
+
+    def _exchange(self, grid: Grid, messages: dict[str, Message], timeout: float,
+                  arrivals: dict[str, float] | None = None) -> tuple[dict[str, Message], float]:
+        """Push all, pull with a short poll until every reply is in or the deadline passes.
+        ``arrivals``: filled with node -> ``time.perf_counter()`` when its reply was pulled."""
         started = time.perf_counter()
         if not messages:
             return {}, 0.0
@@ -122,9 +138,11 @@ class SpecFedStrategy(Strategy):
                 if mid in pending:
                     pending.discard(mid)
                     replies[node_of[mid]] = reply
+                    if arrivals is not None:
+                        arrivals[node_of[mid]] = time.perf_counter()
             if not pending or time.perf_counter() >= deadline:
                 break
-            time.sleep(self.poll_interval)
+            time.sleep(self._poll)
         return replies, time.perf_counter() - started
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -232,6 +250,8 @@ class SpecFedStrategy(Strategy):
     ) -> SpecFedResult:
         cfg = self.config
         self.summary()
+        self._poll = self.poll_for(grid)
+        simulation = type(grid).__name__ == "InMemoryGrid"
         started = time.perf_counter()
         nodes = self._wait_for_nodes(grid)
         log(INFO, "%d node(s) connected; handshaking", len(nodes))
@@ -261,10 +281,17 @@ class SpecFedStrategy(Strategy):
         benched: dict[str, int] = {}  # deselected client -> round it may rejoin
         strikes: dict[str, int] = {}  # deselections in a row without a good reply in between
         pids = {name: info.get("pid") for name, info in infos.items()}
+        # every process id each node answered from, with how many replies (handshake included): one
+        # per node for the whole run is what a warm device runtime gives
+        reply_pids: dict[str, dict[str, int]] = {n: ({str(p): 1} if p is not None else {}) for n, p in pids.items()}
+        pid_changes: dict[str, int] = {}  # pid changes in a row (a restart is one; the stock path every reply)
+        reply_times: dict[str, list[float]] = {n: [] for n in infos}  # s since start, draft replies
+        round_walls: list[float] = []  # wall time of each round (exchange + verify + bookkeeping)
         last_metrics: dict[str, dict[str, Any]] = {}  # newest metrics of each node
         ephemeral: set[str] = set()  # nodes whose ClientApp process changes every message
         extra = {"draft": cfg.draft, "draft-quantization": cfg.draft_quantization, "draft-ahead": cfg.draft_ahead}
         while coordinator.has_work and coordinator.round < cfg.max_rounds:
+            round_started = time.perf_counter()
             selected = [c for c in clients if benched.get(c, 0) <= coordinator.round + 1]
             for name in ephemeral:
                 coordinator.forget_client_state(name)  # it keeps nothing between messages
@@ -276,25 +303,45 @@ class SpecFedStrategy(Strategy):
                               group_id=str(coordinator.round), ttl=float(cfg.round_timeout))
                 for name, req in requests.items()
             }
-            raw, exchange_seconds = self._exchange(grid, messages, cfg.round_timeout)
+            arrivals: dict[str, float] = {}
+            raw, exchange_seconds = self._exchange(grid, messages, cfg.round_timeout, arrivals)
             replies, metrics, faults = self.decode_replies(requests, raw)
             for name, m in metrics.items():
                 last_metrics[name] = m
             report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults,
                                                 round_seconds=exchange_seconds)
             for name in replies:
+                if name in arrivals:
+                    reply_times.setdefault(name, []).append(arrivals[name] - started)
                 pid = metrics.get(name, {}).get("pid")
-                if pid is not None and pids.get(name) is not None and pid != pids[name] and name not in ephemeral:
-                    ephemeral.add(name)
-                    if type(grid).__name__ == "InMemoryGrid":
-                        # simulation engine: a virtual node's messages go to whichever Ray actor is free
-                        log(WARNING, "node %s answers from several simulation actors: sending whole sequences "
-                            "from now on (each actor keeps its own draft copy); give the ClientApp all CPUs "
-                            "(client_resources num_cpus) for one warm actor", name)
-                    else:
-                        log(WARNING, "node %s answers from a new process every message (no draft worker?): "
-                            "sending whole sequences and reloading its draft each round; start `specfed-flwr "
-                            "draft-worker` next to its SuperNode and set worker-address in its node_config", name)
+                if pid is not None:
+                    counts = reply_pids.setdefault(name, {})
+                    counts[str(int(pid))] = counts.get(str(int(pid)), 0) + 1
+                if pid is None or pids.get(name) is None or pid == pids[name]:
+                    pid_changes[name] = 0
+                else:
+                    # Deployment: one change is a restarted device process (its caches are gone:
+                    # whole sequences next round; it replied without state anyway). Two in a row: a
+                    # new process every message -- deltas are useless there, send whole sequences
+                    # from now on. Simulation: any change means several Ray actors serve the node.
+                    pid_changes[name] = pid_changes.get(name, 0) + 1
+                    coordinator.forget_client_state(name)
+                    if pid_changes[name] == 1 and not simulation:
+                        coordinator.note_event(name, f"answered from a new process (pid {pids[name]} -> {pid}): its "
+                                                     "device runtime restarted, or it runs a new ClientApp process "
+                                                     "per message; resending whole sequences")
+                    elif name not in ephemeral:
+                        ephemeral.add(name)
+                        if simulation:
+                            # simulation engine: a virtual node's messages go to whichever Ray actor is free
+                            log(WARNING, "node %s answers from several simulation actors: sending whole sequences "
+                                "from now on (each actor keeps its own draft copy); give the ClientApp all CPUs "
+                                "(client_resources num_cpus) for one warm actor", name)
+                        else:
+                            log(WARNING, "node %s answers from a new process every message (Flower's stock "
+                                "ClientApp path): sending whole sequences and reloading its draft each round; start "
+                                "its SuperNode with --isolation process and `specfed-flwr device-runtime` next to "
+                                "it (docs/DEPLOYMENT.md)", name)
                 pids[name] = pid if pid is not None else pids.get(name)
             for name in replies:
                 if metrics.get(name, {}).get("state_lost"):
@@ -331,6 +378,7 @@ class SpecFedStrategy(Strategy):
                     self.on_finished(seq)
             if self.on_round is not None:
                 self.on_round(report)
+            round_walls.append(time.perf_counter() - round_started)
         wall = time.perf_counter() - started
         results = sorted(coordinator.finished, key=lambda r: r.index)
         summary = coordinator.summary(wall)
@@ -343,6 +391,10 @@ class SpecFedStrategy(Strategy):
             for n, info in infos.items()
         }
         summary["ephemeral_nodes"] = sorted(ephemeral)
+        summary["reply_pids"] = reply_pids
+        summary["reply_times"] = reply_times
+        summary["round_wall_seconds"] = round_walls
+        summary["poll_interval"] = self._poll
         return SpecFedResult(
             sequences=results,
             summary=summary,
