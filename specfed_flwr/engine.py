@@ -370,14 +370,20 @@ class Coordinator:
                 seq.cohort %= self.depth
         sizes = self._cohort_sizes()
         room = bool(self._waiting) and len(self._active) < self.config.max_active_sequences
-        return [c for c in range(self.depth) if c not in busy and (sizes.get(c, 0) or room)]
+        share = self._share()
+        return [c for c in range(self.depth) if c not in busy
+                and (sizes.get(c, 0) or (room and (share is None or sizes.get(c, 0) < share)))]
+
+    def _share(self) -> int | None:
+        """How many sequences one cohort takes at most when admitting (cohorts stay about equal)."""
+        if self.depth <= 1:
+            return None
+        return -(-min(self.config.max_active_sequences, len(self._active) + len(self._waiting)) // self.depth)
 
     def _admit(self, cohort: int | None = None) -> None:
         """Start waiting sequences (up to ``max_active_sequences``). With cohorts, the one being
         planned takes them up to its share, so that cohorts stay about equal."""
-        share = None
-        if cohort is not None and self.depth > 1:
-            share = -(-min(self.config.max_active_sequences, len(self._active) + len(self._waiting)) // self.depth)
+        share = self._share() if cohort is not None else None
         while self._waiting and len(self._active) < self.config.max_active_sequences:
             if share is not None and self._cohort_sizes().get(cohort, 0) >= share:
                 break

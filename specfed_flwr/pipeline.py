@@ -17,8 +17,9 @@ its own cohort's sequences with the target, exactly as a strict round would.
    the loop goes back to 1, so that this cohort's next request leaves before anything else;
 4. **depth**: with ``pipeline-depth=auto`` two cohorts (one verifying while the other drafts),
    plus enough to cover the transport's own latency: ``2 + ceil(latency / (verify + draft))``,
-   latency = exchange time minus the devices' drafting time (medians of the last rounds, at most
-   ``AUTO_MAX_DEPTH``). More cohorts than that only shrink every verify batch: the devices draft
+   latency = exchange time minus the devices' drafting time (the least of the last rounds: queueing
+   behind another cohort is not latency more cohorts could hide), cycle = verify + draft (their
+   median), at most ``AUTO_MAX_DEPTH``. More cohorts than that only shrink every verify batch: the devices draft
    the cohorts one after the other, so they cannot go faster than their own compute;
 5. **wait** until something arrives (at most one poll interval) when nothing was ready.
 
@@ -97,7 +98,9 @@ class DepthController:
         self._exchange = (self._exchange + [max(0.0, exchange_seconds - draft_seconds)])[-AUTO_WINDOW:]
         self._verify = (self._verify + [verify_seconds + draft_seconds])[-AUTO_WINDOW:]
         if len(self._exchange) >= 3:
-            latency = statistics.median(self._exchange)
+            # the least latency seen: a round that queued behind another cohort at the device
+            # looks slower, but more cohorts would only make it queue longer
+            latency = min(self._exchange)
             cycle = max(statistics.median(self._verify), 1e-3)
             self.depth = max(AUTO_START_DEPTH, min(AUTO_MAX_DEPTH, AUTO_START_DEPTH + math.ceil(latency / cycle - 1e-9)))
         return self.depth
@@ -125,12 +128,14 @@ def run_rounds(
     while coordinator.has_work or flights:
         # 1. push every idle cohort
         busy = {f.plan.cohort for f in flights.values()}
-        for cohort in coordinator.cohorts_ready(busy):
-            if coordinator.round >= max_rounds:
+        while coordinator.round < max_rounds:
+            ready = coordinator.cohorts_ready(busy)  # again after each plan: planning admits sequences
+            if not ready:
                 break
             if before_plan is not None:
                 before_plan()
-            plan = coordinator.plan_cohort(list(clients), cohort)
+            plan = coordinator.plan_cohort(list(clients), ready[0])
+            busy.add(plan.cohort)
             flights[plan.round] = transport.push(plan, round_timeout)
         if not flights:
             break  # max_rounds reached

@@ -59,10 +59,16 @@ def test_simulation_greedy_equals_target_generate(tmp_path, mode, clients):
     # the results file holds every prompt once, in the order they finished
     assert sorted(r["index"] for r in records) == list(range(len(prompts)))
     assert {r["index"]: r["token_ids"] for r in records} == dict(enumerate(expected))
-    # concurrency: 4 active at most, sequences finished in several different rounds, drafts were used
+    # concurrency: 4 active at most, split over the cohorts in flight (pipeline-depth auto starts at
+    # 2); sequences finished in several different rounds, drafts were used
     finishing_rounds = {rep.round for rep in result.rounds if rep.finished}
     assert len(finishing_rounds) >= 2
-    assert max(rep.active_sequences for rep in result.rounds) == 4
+    assert len({rep.cohort for rep in result.rounds}) >= 2
+    assert all(rep.active_sequences > 0 for rep in result.rounds)  # no round for an empty cohort
+    assert max(rep.active_sequences for rep in result.rounds) <= 4
+    # the first two rounds are the two starting cohorts, 4 sequences between them
+    assert [r.cohort for r in result.rounds[:2]] == [0, 1]
+    assert sum(r.active_sequences for r in result.rounds[:2]) == 4
     assert result.summary["accepted"] > 0  # multi-token rounds crossed the transport
     assert len(result.nodes) == clients
     if mode == "per-device":

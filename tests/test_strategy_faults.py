@@ -349,8 +349,10 @@ def test_reply_limits_are_enforced_and_reported(target_model, caplog):
 def test_workload_limits_are_enforced_and_reported(target_model, flower_task_identity, caplog):
     """max-active-sequences caps the batch, max-new-tokens the output, max-prompt-tokens refuses
     a prompt (reported, the run goes on); a node asking for K above max-k gets max-k."""
+    # strict rounds (pipeline-depth 1), so that one round's batch is every active sequence
     cfg = SpecFedConfig(top_k=8, draft_length=4, max_k=8, max_gamma=8, max_new_tokens=5, max_active_sequences=2,
-                        max_prompt_tokens=6, round_timeout=0.5, handshake_timeout=0.5, node_wait_timeout=0.02)
+                        max_prompt_tokens=6, round_timeout=0.5, handshake_timeout=0.5, node_wait_timeout=0.02,
+                        pipeline_depth="1")
     strategy = SpecFedStrategy(TargetVerifier(target_model), cfg)
     grid = ScriptedGrid({"vocab_size": VOCAB, "max-k": 64}, [], np.random.default_rng(1))
     grid.replies_of_2 = None  # node 2 answers like node 1

@@ -1,20 +1,23 @@
 """SpecFedStrategy: a Flower Strategy whose rounds are speculative decoding steps.
 
 Flower's ``Strategy`` is built around train/evaluate rounds; this one is query driven and
-adds its own loop, ``generate(grid, prompts)``:
+adds its own loop, ``generate(grid, prompts)``, a short one over two hooks in the manner of
+Flower's ``Strategy.start()`` and FedAvg:
 
 1. handshake every node (draft loaded once per device, tokenizer fingerprint checked,
    node settings and per-device prompts collected); mismatching nodes are excluded;
-2. each round: ``Coordinator.plan_round`` -> one ``query.draft`` message per selected node,
-   pushed at once and pulled with a short poll until all replied or the round deadline
-   passed (no fixed sleeps); replies are validated (error replies, missing records, the
-   wire checks) and an invalid one only costs that node the round;
-3. ``Coordinator.complete_round`` verifies on the target and commits; finished sequences
-   are handed to ``on_finished`` immediately (so nothing generated is lost).
+2. ``pipeline.run_rounds`` keeps up to ``pipeline-depth`` cohorts of sequences in flight. For
+   each round it calls ``configure_draft`` (the plan's ``DraftRequest`` per node -> one
+   ``query.draft`` message each, ttl = the round deadline), pushes them at once and pulls
+   replies without blocking; while they travel the target verifies another cohort;
+3. ``aggregate_draft`` validates the replies of a round (error replies, missing records, the
+   wire checks; an invalid one only costs that node the round) and
+   ``Coordinator.complete_round`` verifies on the target and commits; finished sequences are
+   handed to ``on_finished`` immediately (so nothing generated is lost).
 
-Nodes that miss ``max_missed_rounds`` rounds in a row are deselected and probed again after
-``rejoin_after_rounds`` rounds (doubling, up to 64x, each time a probe fails again). With no
-node left the server keeps decoding target-only.
+The Coordinator's node roster deselects nodes that miss ``max_missed_rounds`` rounds in a row
+and probes them again after ``rejoin_after_rounds`` rounds (doubling, up to 64x, each time a
+probe fails again). With no node left the server keeps decoding target-only.
 """
 
 from __future__ import annotations
@@ -25,17 +28,20 @@ from logging import INFO, WARNING
 from typing import Any, Callable, Iterable, Sequence
 
 from flwr.app import Message, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..config import SpecFedConfig
 from ..engine import Coordinator, RoundReport, SequenceResult
+from ..pipeline import InFlight, run_rounds
+from ..protocol import DraftRequest, RoundPlan
 from ..tokens import decode_texts, encode_prompt
 from ..records import DRAFT_MESSAGE, HANDSHAKE_MESSAGE, config_record, reply_arrays, request_content
 from ..target import TargetVerifier
 from ..wire import WireFormatError, decode_reply
+from .strategy_utils import (GridTransport, NodeProcesses, draft_error_fault, no_reply_reason, note_state_lost,
+                             short_reason)
 
 
 @dataclass
@@ -180,11 +186,10 @@ class SpecFedStrategy(Strategy):
             if reply is None:
                 excluded[name] = "no handshake reply before the deadline"
             elif reply.has_error():
-                code = int(getattr(reply.error, "code", -1))
-                if code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE):
-                    excluded[name] = f"no handshake reply before the deadline ({_short_reason(reply.error.reason, 80)})"
+                if no_reply_reason(reply) is not None:
+                    excluded[name] = f"no handshake reply before the deadline ({short_reason(reply.error.reason, 80)})"
                 else:
-                    excluded[name] = f"handshake failed on the device: {_short_reason(reply.error.reason)}"
+                    excluded[name] = f"handshake failed on the device: {short_reason(reply.error.reason)}"
             else:
                 try:
                     if "info" not in reply.content.config_records:
@@ -193,7 +198,7 @@ class SpecFedStrategy(Strategy):
                         info = dict(reply.content.config_records["info"])
                         problem = self._check_identity(info)
                 except Exception as exc:  # whatever a device sends must not end the run
-                    problem, info = _short_reason(f"handshake reply could not be read ({type(exc).__name__}: {exc})"), {}
+                    problem, info = short_reason(f"handshake reply could not be read ({type(exc).__name__}: {exc})"), {}
                 if problem:
                     excluded[name] = problem
                 else:
@@ -251,7 +256,6 @@ class SpecFedStrategy(Strategy):
         cfg = self.config
         self.summary()
         self._poll = self.poll_for(grid)
-        simulation = type(grid).__name__ == "InMemoryGrid"
         started = time.perf_counter()
         nodes = self._wait_for_nodes(grid)
         log(INFO, "%d node(s) connected; handshaking", len(nodes))
@@ -276,101 +280,20 @@ class SpecFedStrategy(Strategy):
                 log(WARNING, "prompt %d refused: %s", index, exc)
         log(INFO, "%d sequence(s) queued, %d active at most; %d node(s) drafting", len(items), cfg.max_active_sequences, len(infos))
 
-        clients = list(infos)
-        missed: dict[str, int] = {c: 0 for c in clients}
-        benched: dict[str, int] = {}  # deselected client -> round it may rejoin
-        strikes: dict[str, int] = {}  # deselections in a row without a good reply in between
-        pids = {name: info.get("pid") for name, info in infos.items()}
-        # every process id each node answered from, with how many replies (handshake included): one
-        # per node for the whole run is what a warm device runtime gives
-        reply_pids: dict[str, dict[str, int]] = {n: ({str(p): 1} if p is not None else {}) for n, p in pids.items()}
-        pid_changes: dict[str, int] = {}  # pid changes in a row (a restart is one; the stock path every reply)
+        processes = NodeProcesses(simulation=type(grid).__name__ == "InMemoryGrid")
+        processes.start(infos)
         reply_times: dict[str, list[float]] = {n: [] for n in infos}  # s since start, draft replies
-        round_walls: list[float] = []  # wall time of each round (exchange + verify + bookkeeping)
+        round_walls: list[float] = []  # each round: push to verified (exchange + verify + bookkeeping)
         last_metrics: dict[str, dict[str, Any]] = {}  # newest metrics of each node
-        ephemeral: set[str] = set()  # nodes whose ClientApp process changes every message
-        extra = {"draft": cfg.draft, "draft-quantization": cfg.draft_quantization, "draft-ahead": cfg.draft_ahead}
-        while coordinator.has_work and coordinator.round < cfg.max_rounds:
-            round_started = time.perf_counter()
-            selected = [c for c in clients if benched.get(c, 0) <= coordinator.round + 1]
-            for name in ephemeral:
-                coordinator.forget_client_state(name)  # it keeps nothing between messages
-            requests = coordinator.plan_round(selected)
-            messages = {
-                # ttl = the round deadline: a device that is late does not work through stale
-                # rounds (the SuperLink drops the expired request and any late reply)
-                name: Message(request_content(req, extra), dst_node_id=int(name), message_type=DRAFT_MESSAGE,
-                              group_id=str(coordinator.round), ttl=float(cfg.round_timeout))
-                for name, req in requests.items()
-            }
-            arrivals: dict[str, float] = {}
-            raw, exchange_seconds = self._exchange(grid, messages, cfg.round_timeout, arrivals)
-            replies, metrics, faults = self.decode_replies(requests, raw)
+
+        def after_round(report: RoundReport, flight: InFlight, metrics: dict[str, dict[str, Any]]) -> None:
             for name, m in metrics.items():
                 last_metrics[name] = m
-            report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults,
-                                                round_seconds=exchange_seconds)
-            for name in replies:
-                if name in arrivals:
-                    reply_times.setdefault(name, []).append(arrivals[name] - started)
-                pid = metrics.get(name, {}).get("pid")
-                if pid is not None:
-                    counts = reply_pids.setdefault(name, {})
-                    counts[str(int(pid))] = counts.get(str(int(pid)), 0) + 1
-                if pid is None or pids.get(name) is None or pid == pids[name]:
-                    pid_changes[name] = 0
-                else:
-                    # Deployment: one change is a restarted device process (its caches are gone:
-                    # whole sequences next round; it replied without state anyway). Two in a row: a
-                    # new process every message -- deltas are useless there, send whole sequences
-                    # from now on. Simulation: any change means several Ray actors serve the node.
-                    pid_changes[name] = pid_changes.get(name, 0) + 1
-                    coordinator.forget_client_state(name)
-                    if pid_changes[name] == 1 and not simulation:
-                        coordinator.note_event(name, f"answered from a new process (pid {pids[name]} -> {pid}): its "
-                                                     "device runtime restarted, or it runs a new ClientApp process "
-                                                     "per message; resending whole sequences")
-                    elif name not in ephemeral:
-                        ephemeral.add(name)
-                        if simulation:
-                            # simulation engine: a virtual node's messages go to whichever Ray actor is free
-                            log(WARNING, "node %s answers from several simulation actors: sending whole sequences "
-                                "from now on (each actor keeps its own draft copy); give the ClientApp all CPUs "
-                                "(client_resources num_cpus) for one warm actor", name)
-                        else:
-                            log(WARNING, "node %s answers from a new process every message (Flower's stock "
-                                "ClientApp path): sending whole sequences and reloading its draft each round; start "
-                                "its SuperNode with --isolation process and `specfed-flwr device-runtime` next to "
-                                "it (docs/DEPLOYMENT.md)", name)
-                pids[name] = pid if pid is not None else pids.get(name)
-            for name in replies:
-                if metrics.get(name, {}).get("state_lost"):
-                    # the device answered without the state our delta builds on: no drafts this
-                    # round (not a fault); resend whole sequences next round
-                    coordinator.forget_client_state(name)
-                    coordinator.client_stats[name].resyncs += 1
-                    coordinator.client_stats[name].resync_rounds.append(coordinator.round)
-                    log(INFO, "node %s lost its draft state (another process?): resending whole sequences", name)
-            for name in requests:
-                if name in report.faults:
-                    coordinator.forget_client_state(name)  # it may have lost or skipped state: resend whole
-                    missed[name] = missed.get(name, 0) + 1
-                    probing = name in benched  # a deselected node's probe: one miss benches it again
-                    if missed[name] >= cfg.max_missed_rounds or probing:
-                        # back off: each deselection in a row doubles the wait (at most 64x), so a node
-                        # that never answers in time costs the others fewer and fewer deadlines
-                        strikes[name] = strikes.get(name, 0) + 1
-                        wait = cfg.rejoin_after_rounds * 2 ** min(strikes[name] - 1, 6)
-                        benched[name] = coordinator.round + wait
-                        what = "failed its probe" if probing and missed[name] < cfg.max_missed_rounds else \
-                            f"{missed[name]} missed rounds in a row"
-                        coordinator.note_event(name, f"deselected after {what}; probing again at round {benched[name]}")
-                        missed[name] = 0
-                else:
-                    missed[name] = 0
-                    strikes.pop(name, None)
-                    if benched.pop(name, None) is not None:
-                        coordinator.note_event(name, "rejoined: replied in time to the probe")
+                if name in flight.arrivals:
+                    reply_times.setdefault(name, []).append(flight.arrivals[name] - started)
+                processes.observe(coordinator, name, m.get("pid"))
+                if m.get("state_lost"):
+                    note_state_lost(coordinator, name, report.round)
             log(INFO, "%s", report.line())
             decode_texts(self.tokenizer, report.finished)
             for seq in report.finished:
@@ -378,7 +301,12 @@ class SpecFedStrategy(Strategy):
                     self.on_finished(seq)
             if self.on_round is not None:
                 self.on_round(report)
-            round_walls.append(time.perf_counter() - round_started)
+            round_walls.append(time.perf_counter() - flight.pushed_at)
+
+        transport = GridTransport(grid, self.configure_draft, self.aggregate_draft, self._poll)
+        run_rounds(coordinator, transport, list(infos), depth=cfg.depth(), round_timeout=cfg.round_timeout,
+                   max_rounds=cfg.max_rounds, after_round=after_round,
+                   before_plan=lambda: processes.forget_ephemeral(coordinator))
         wall = time.perf_counter() - started
         results = sorted(coordinator.finished, key=lambda r: r.index)
         summary = coordinator.summary(wall)
@@ -390,8 +318,8 @@ class SpecFedStrategy(Strategy):
             n: max(int(info.get("draft_loads") or 0), int(last_metrics.get(n, {}).get("draft_loads", 0)))
             for n, info in infos.items()
         }
-        summary["ephemeral_nodes"] = sorted(ephemeral)
-        summary["reply_pids"] = reply_pids
+        summary["ephemeral_nodes"] = sorted(processes.ephemeral)
+        summary["reply_pids"] = processes.counts
         summary["reply_times"] = reply_times
         summary["round_wall_seconds"] = round_walls
         summary["poll_interval"] = self._poll
@@ -404,10 +332,24 @@ class SpecFedStrategy(Strategy):
             faults={c: s.faults for c, s in coordinator.client_stats.items() if s.faults},
         )
 
-    def decode_replies(
-        self, requests: dict[str, Any], raw: dict[str, Message]
+    # ---- the hooks of one round --------------------------------------------------------------
+    def configure_draft(self, plan: RoundPlan) -> dict[str, Message]:
+        """One ``query.draft`` message per node of the plan. ttl = the round deadline: a device that
+        is late does not work through stale rounds (the SuperLink drops the expired request and
+        any late reply)."""
+        cfg = self.config
+        extra = {"draft": cfg.draft, "draft-quantization": cfg.draft_quantization, "draft-ahead": cfg.draft_ahead}
+        return {
+            name: Message(request_content(req, extra), dst_node_id=int(name), message_type=DRAFT_MESSAGE,
+                          group_id=str(plan.round), ttl=float(cfg.round_timeout))
+            for name, req in plan.requests.items()
+        }
+
+    def aggregate_draft(
+        self, requests: dict[str, DraftRequest], raw: dict[str, Message]
     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
-        """Validate every reply; an invalid one becomes a fault of that node, never an exception."""
+        """Validate every reply of a round: (valid replies, metrics, faults). An invalid reply
+        becomes a fault of that node, never an exception."""
         cfg = self.config
         replies, metrics, faults = {}, {}, {}
         for name in requests:
@@ -417,14 +359,7 @@ class SpecFedStrategy(Strategy):
                 continue
             try:
                 if message.has_error():
-                    code = int(getattr(message.error, "code", -1))
-                    if code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
-                        # the request (ttl = the deadline) or its reply expired in the SuperLink
-                        faults[name] = f"no reply within the {cfg.round_timeout:g} s round deadline (expired)"
-                    elif code == ErrorCode.NODE_UNAVAILABLE:
-                        faults[name] = "no reply: the SuperLink reports the node unavailable"
-                    else:
-                        faults[name] = f"error reply from the device: {_short_reason(message.error.reason)}"
+                    faults[name] = draft_error_fault(message, cfg.round_timeout)
                     continue
                 arrays, m = reply_arrays(message.content)
                 replies[name] = decode_reply(
@@ -435,8 +370,10 @@ class SpecFedStrategy(Strategy):
             except WireFormatError as exc:
                 faults[name] = str(exc)
             except Exception as exc:  # anything a device sends must not end the run
-                faults[name] = _short_reason(f"{type(exc).__name__}: {exc}")
+                faults[name] = short_reason(f"{type(exc).__name__}: {exc}")
         return replies, metrics, faults
+
+    decode_replies = aggregate_draft  # the name tests and older callers use
 
     def _prompt_items(self, prompts, indices, infos) -> list[tuple[int, Any, str | None]]:
         indices = list(indices) if indices is not None else list(range(len(prompts)))
@@ -454,16 +391,3 @@ class SpecFedStrategy(Strategy):
         for j, (i, p) in enumerate(zip(indices, prompts)):
             items.append((i, p, names[j % len(names)] if names else None))
         return items
-
-
-def _short_reason(reason: object, limit: int = 240) -> str:
-    """One line out of an error reply's reason (Flower puts whole remote tracebacks there):
-    the innermost exception's message when it can be found, cut to ``limit`` characters."""
-    text = str(reason)
-    marker = "Message: "
-    if marker in text:  # ClientAppException: "... occurred. Message: <the ClientApp's own error>"
-        text = text[text.rfind(marker) + len(marker):]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not set(ln.strip()) <= set("^~ ")]
-    text = lines[0] if lines else ""
-    text = text.rstrip("'>").strip()
-    return text[:limit] + ("..." if len(text) > limit else "")

@@ -1,0 +1,178 @@
+"""What ``SpecFedStrategy`` needs besides its hooks: Flower's grid as a pipeline transport, the
+one mapping of Flower error replies to faults, and the tracking of which process answered.
+
+Kept apart so that the Strategy reads as Flower's own do: a short loop over configure/aggregate
+hooks (``SpecFedStrategy.configure_draft`` / ``aggregate_draft``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import TYPE_CHECKING, Any, Callable
+
+from flwr.app import Message
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+
+from ..pipeline import InFlight
+from ..protocol import DraftRequest, RoundPlan
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+    from ..engine import Coordinator
+
+
+def short_reason(reason: object, limit: int = 240) -> str:
+    """One line out of an error reply's reason (Flower puts whole remote tracebacks there):
+    the innermost exception's message when it can be found, cut to ``limit`` characters."""
+    text = str(reason)
+    marker = "Message: "
+    if marker in text:  # ClientAppException: "... occurred. Message: <the ClientApp's own error>"
+        text = text[text.rfind(marker) + len(marker):]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not set(ln.strip()) <= set("^~ ")]
+    text = lines[0] if lines else ""
+    text = text.rstrip("'>").strip()
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+#: Flower error codes that mean "no reply came" (the node is gone, or the message or its reply
+#: expired in the SuperLink: requests carry ttl = the deadline), as opposed to a device error
+_NO_REPLY_CODES = {
+    ErrorCode.MESSAGE_UNAVAILABLE: "expired",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "expired",
+    ErrorCode.NODE_UNAVAILABLE: "the SuperLink reports the node unavailable",
+}
+
+
+def no_reply_reason(message: Message) -> str | None:
+    """Why an error reply means that no reply came (expired, node gone), or None for a device error.
+    The one mapping of Flower's error codes, for handshake and draft replies alike."""
+    return _NO_REPLY_CODES.get(int(getattr(message.error, "code", -1)))
+
+
+def draft_error_fault(message: Message, deadline_s: float) -> str:
+    """The fault a draft error reply stands for."""
+    why = no_reply_reason(message)
+    if why is None:
+        return f"error reply from the device: {short_reason(message.error.reason)}"
+    if why == "expired":  # the request (ttl = the deadline) or its reply expired in the SuperLink
+        return f"no reply within the {deadline_s:g} s round deadline (expired)"
+    return f"no reply: {why}"
+
+
+class GridTransport:
+    """Flower's grid (simulation or deployment) as a ``pipeline.Transport``: ``push_messages`` and
+    ``pull_messages`` never block, so several rounds can be in flight."""
+
+    def __init__(self, grid: "Grid", configure: Callable[[RoundPlan], dict[str, Message]],
+                 aggregate: Callable[[dict[str, DraftRequest], dict[str, Message]], tuple], poll_interval: float):
+        self.grid = grid
+        self.configure = configure
+        self.aggregate = aggregate
+        self.poll_interval = poll_interval
+
+    def push(self, plan: RoundPlan, timeout: float) -> InFlight:
+        now = time.perf_counter()
+        messages = self.configure(plan)
+        flight = InFlight(plan, now, now + timeout, set())
+        if not messages:
+            return flight
+        try:
+            ids = [str(i) for i in self.grid.push_messages(list(messages.values())) if i]
+        except Exception as exc:  # a transport hiccup costs this round's drafts, not the run
+            log(WARNING, "pushing %d message(s) failed (%s: %s); this round goes without them",
+                len(messages), type(exc).__name__, exc)
+            return flight
+        # map replies to nodes by the id each pushed message got (a grid returns only the ids it
+        # stored, so the position in the returned list is not enough)
+        stored = set(ids)
+        node_of = {m.metadata.message_id: name for name, m in messages.items() if m.metadata.message_id in stored}
+        if not node_of and len(ids) == len(messages):
+            node_of = dict(zip(ids, messages))
+        flight.handles = node_of
+        flight.expected = set(node_of.values())
+        return flight
+
+    def pull(self, flights: list[InFlight]) -> None:
+        pending = {mid: f for f in flights for mid, name in f.handles.items() if name not in f.raw}
+        if not pending:
+            return
+        for reply in self.grid.pull_messages(list(pending)):
+            mid = reply.metadata.reply_to_message_id
+            flight = pending.pop(mid, None)
+            if flight is not None:
+                name = flight.handles[mid]
+                flight.raw[name] = reply
+                flight.arrivals[name] = time.perf_counter()
+
+    def decode(self, flight: InFlight):
+        return self.aggregate(flight.plan.requests, flight.raw)
+
+    def wait(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@dataclass
+class NodeProcesses:
+    """Which process answered each node's messages.
+
+    One process id per node for the whole run is what a warm device runtime gives. One change is
+    a restarted device process (its caches are gone); changes in a row mean a new ClientApp
+    process per message (Flower's stock deployment path) or, in simulation, several Ray actors
+    serving the node: deltas are useless then, so whole sequences are sent from now on."""
+
+    simulation: bool
+    last: dict[str, Any] = field(default_factory=dict)  # node -> newest pid
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> pid -> replies
+    changes: dict[str, int] = field(default_factory=dict)  # pid changes in a row
+    ephemeral: set[str] = field(default_factory=set)  # nodes that keep nothing between messages
+
+    def start(self, infos: dict[str, dict[str, Any]]) -> None:
+        for name, info in infos.items():
+            pid = info.get("pid")
+            self.last[name] = pid
+            self.counts[name] = {str(pid): 1} if pid is not None else {}
+
+    def observe(self, coordinator: "Coordinator", name: str, pid: Any) -> None:
+        if pid is not None:
+            counts = self.counts.setdefault(name, {})
+            counts[str(int(pid))] = counts.get(str(int(pid)), 0) + 1
+        previous = self.last.get(name)
+        if pid is None or previous is None or pid == previous:
+            self.changes[name] = 0
+        else:
+            self.changes[name] = self.changes.get(name, 0) + 1
+            coordinator.forget_client_state(name)
+            if self.changes[name] == 1 and not self.simulation:
+                coordinator.note_event(name, f"answered from a new process (pid {previous} -> {pid}): its device "
+                                             "runtime restarted, or it runs a new ClientApp process per message; "
+                                             "resending whole sequences", "restarted")
+            elif name not in self.ephemeral:
+                self.ephemeral.add(name)
+                if self.simulation:
+                    log(WARNING, "node %s answers from several simulation actors: sending whole sequences from now "
+                        "on (each actor keeps its own draft copy); give the ClientApp all CPUs (client_resources "
+                        "num_cpus) for one warm actor", name)
+                else:
+                    log(WARNING, "node %s answers from a new process every message (Flower's stock ClientApp "
+                        "path): sending whole sequences and reloading its draft each round; start its SuperNode "
+                        "with --isolation process and `specfed-flwr device-runtime` next to it "
+                        "(docs/DEPLOYMENT.md)", name)
+        self.last[name] = pid if pid is not None else previous
+
+    def forget_ephemeral(self, coordinator: "Coordinator") -> None:
+        for name in self.ephemeral:
+            coordinator.forget_client_state(name)  # it keeps nothing between messages
+
+
+def note_state_lost(coordinator: "Coordinator", name: str, round_: int) -> None:
+    """The device answered without the state the delta builds on (another process): no drafts this
+    round, not a fault; whole sequences next round."""
+    coordinator.forget_client_state(name)
+    stats = coordinator.client_stats[name]
+    stats.resyncs += 1
+    stats.resync_rounds.append(round_)
+    log(INFO, "node %s lost its draft state (another process?): resending whole sequences", name)
