@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -116,3 +117,44 @@ def test_flower_engine_record(tmp_path):
     assert m["draft_max_s_per_round"] > 0
     assert not m["faults"]  # one Ray actor keeps both nodes' draft caches warm
     assert set(m["draft_loads"].values()) == {1}  # the draft is loaded once per process, not per round
+
+
+def test_tiny_run_lists_both_deployment_runtimes(tiny_run):
+    """--no-flower: one not-measured deployment record per ClientApp runtime, with the record fields."""
+    out, md = tiny_run
+    records = [r for r in json.loads((out / "results.json").read_text()) if r["engine"] == "flower-deployment"]
+    assert sorted(r["runtime"] for r in records) == ["persistent", "stock"]
+    for r in records:
+        assert r["pipelined"] is False and r["round_s_median"] is None and r["reply_gap_s_median"] is None
+    assert "Deployment engine: persistent device runtime vs stock" in md.read_text()
+
+
+def test_deployment_comparison_judges_the_persistent_round() -> None:
+    stock = {"round_s_median": 7.0, "reply_gap_s_median": 7.1, "rounds": 5}
+    fast = bench.deployment_comparison({"persistent": {"round_s_median": 3.5, "reply_gap_s_median": 3.4},
+                                        "stock": stock}, 4.0)
+    assert fast["met"] is True and fast["round_speedup_vs_stock"] == pytest.approx(2.0)
+    assert fast["persistent"]["round_s_median"] == 3.5 and fast["pipelined"] is False
+    slow = bench.deployment_comparison({"persistent": {"round_s_median": 4.5}, "stock": stock}, 4.0)
+    assert slow["met"] is False
+    assert "met" not in bench.deployment_comparison({"stock": stock}, 4.0)  # nothing to judge without persistent
+    assert bench._reply_gaps({"a": [1.0, 4.0, 8.0], "b": [2.0, 5.5]}) == [3.0, 4.0, 3.5]
+
+
+@pytest.mark.flower
+def test_deployment_engine_record(tmp_path):
+    """The deployment runner on the persistent device runtime, tiny models: the record has the
+    fields results.json promises, the output is the target's, every node answered from one process."""
+    pair = bench.load_pair(True)
+    work = bench.make_workload(pair, bench.TINY_QUICK, True)
+    refs = [bench.hf_generate(pair, p, 6) for p in work.prompts]
+    m = bench.run_deployment(pair, work.prompts, clients=2, concurrency=4, max_new_tokens=6, references=refs,
+                             runtime="persistent")
+    assert m["runtime"] == "persistent" and m["pipelined"] is False
+    assert m["exact_match"] == 1.0 and m["tokens"] == 6 * len(work.prompts)
+    assert m["rounds"] >= 2 and len(m["round_s_all"]) == m["rounds"]
+    assert m["round_s_median"] == statistics.median(m["round_s_all"]) > 0
+    # strict rounds: every round waits for both nodes, so a node replies once per round
+    assert m["reply_gaps"] == 2 * (m["rounds"] - 1) and m["reply_gap_s_median"] > 0
+    assert set(m["clientapp_processes_per_node"].values()) == {1}
+    assert set(m["draft_loads"].values()) == {1}
