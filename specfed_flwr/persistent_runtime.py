@@ -278,13 +278,12 @@ class _TaskHeartbeat:
     The SuperNode expires a claimed task ``HEARTBEAT_DEFAULT_INTERVAL`` s after the claim (60 s once
     running) unless heartbeats arrive. A round's task takes well under that, so the first heartbeat
     is sent only after an interval (Flower's sends one immediately: an extra HTTP call per message).
-    A refused heartbeat (the task expired or was revoked) is recorded, not turned into SIGINT."""
+    A refused heartbeat (the task expired or was revoked) is logged, not turned into SIGINT."""
 
     def __init__(self, client: RuntimeHttpClient) -> None:
         self._client = client
         self._stop = threading.Event()
         self.interval = (HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT) * HEARTBEAT_BASE_MULTIPLIER
-        self.revoked = False
         self._thread = threading.Thread(target=self._run, name="specfed-task-heartbeat", daemon=True)
 
     def __enter__(self) -> "_TaskHeartbeat":
@@ -299,7 +298,6 @@ class _TaskHeartbeat:
         while not self._stop.wait(self.interval):
             try:
                 if not self._client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
-                    self.revoked = True
                     log.warning("the SuperNode refused a heartbeat for task %s: the task expired", TaskIdentity.task_id)
                     return
             except httpx.HTTPError as exc:
@@ -308,7 +306,7 @@ class _TaskHeartbeat:
 
 @dataclass
 class TaskRecord:
-    """One served task, for logs and tests."""
+    """One served task (what its log line reports)."""
 
     task_id: int
     run_id: int
@@ -340,8 +338,8 @@ class PersistentRuntime:
     """
 
     def __init__(self, runtime_api_address: str, *, insecure: bool = True, root_certificates: bytes | None = None,
-                 app: str | None = None, poll_interval: float = 0.05, superexec_auth_secret: bytes | None = None,
-                 on_task: Callable[[TaskRecord], None] | None = None) -> None:
+                 app: str | None = None, poll_interval: float = 0.05,
+                 superexec_auth_secret: bytes | None = None) -> None:
         check_flower_version()
         self.address = _check_address(runtime_api_address)
         if not (poll_interval > 0 and poll_interval <= 60):
@@ -354,8 +352,6 @@ class PersistentRuntime:
         self.app_ref = app
         self._fixed_app = _load_app_ref(app) if app else None
         self._fab_apps: dict[str, ClientApp] = {}
-        self._loaded_ref: dict[str, str] = {}  # FAB hash -> "fab_id==version" it was loaded from
-        self.on_task = on_task
         self.tasks_done = 0
         self.stop_event = threading.Event()
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
@@ -408,7 +404,10 @@ class PersistentRuntime:
                 if not (res.HasField("task") and res.token):
                     self.stop_event.wait(self.poll_interval)
                     continue
-                self.run_task(res.task, res.token)
+                try:
+                    self.run_task(res.task, res.token)
+                except Exception:  # noqa: BLE001 - a bug in one task must not take the device offline
+                    log.exception("task %s: unexpected error in the device runtime", res.task.task_id)
                 self.tasks_done += 1
         finally:
             self._exec_client.close()
@@ -469,8 +468,6 @@ class PersistentRuntime:
                  "push %.0f; FAB %d B)", record.task_id, record.run_id, record.message_type, record.status,
                  1000 * (t_end - t0), 1000 * record.pull_s, 1000 * record.input_s, 1000 * record.wait_s,
                  1000 * record.objects_s, 1000 * record.app_s, 1000 * record.push_s, record.fab_bytes)
-        if self.on_task is not None:
-            self.on_task(record)
         return record
 
     def _pull_task_input(self, client: RuntimeHttpClient):
@@ -529,7 +526,6 @@ class PersistentRuntime:
                             "module stays the one loaded first (restart the device runtime to load new code)",
                             run.run_id, key[:12])
             self._fab_apps[key] = app
-            self._loaded_ref[key] = f"{run.fab_id}=={run.fab_version}"
             log.info("ClientApp of %s==%s (FAB %s) loaded in pid %d", run.fab_id, run.fab_version, key[:12], os.getpid())
         return app
 

@@ -78,7 +78,7 @@ def test_internals_check_names_what_moved(monkeypatch) -> None:
     (["--runtime-api-address", "127.0.0.1:9094", "--superexec-auth-secret-file", "/no/such"], "--superexec-auth-secret-file"),
     (["--runtime-api-address", "127.0.0.1:9094", "--poll-interval", "-1"], "--poll-interval"),
 ])
-def test_bad_options_fail_cleanly(argv, needle, capsys, tmp_path) -> None:
+def test_bad_options_fail_cleanly(argv, needle, capsys) -> None:
     assert cli.main(["device-runtime", *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err, err
