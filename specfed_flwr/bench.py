@@ -60,6 +60,9 @@ torch: Any = _LazyTorch()
 
 log = logging.getLogger("specfed_flwr.bench")
 
+from .config import SpecFedConfig as _Config
+
+DRAFT_QUANTIZATION = _Config.draft_quantization  # the default draft (int4), what users get
 BASE = {"k": 8, "gamma": 4, "reconstruction": "exact", "draft_sampling": "sparse", "clients": 2, "concurrency": 1}
 LINK_UPLINKS_MBPS = (1.0, 10.0, 100.0)
 LINK_RTTS_MS = (20.0, 50.0)
@@ -146,7 +149,7 @@ def load_pair(tiny: bool, device: str = "auto") -> Pair:
 
     t_spec, d_spec = ("tiny:0", "tiny:1") if tiny else ("default", "default")
     target = load_target_spec(t_spec, "cpu" if tiny else device)
-    draft = load_draft_spec(d_spec, "int8")
+    draft = load_draft_spec(d_spec, DRAFT_QUANTIZATION)
     if target.vocab_size != draft.vocab_size:
         raise ValueError(f"target vocabulary {target.vocab_size} != draft vocabulary {draft.vocab_size}")
     tokenizer = target.tokenizer
@@ -569,7 +572,9 @@ def run_hf(pair: Pair, prompts: list[list[int]], max_new_tokens: int, *, assiste
 
 
 def run_flower(pair: Pair, prompts: list[list[int]], *, clients: int, concurrency: int, max_new_tokens: int,
-               mode: str = "collaborative", references=None, device: str = "auto") -> dict[str, Any]:
+               mode: str = "collaborative", references=None, device: str = "auto", pipelined: bool = True) -> dict[str, Any]:
+    """The Flower simulation engine (``run_simulation``); ``pipelined``: the run config's defaults
+    (cohorts in flight, drafting ahead), else strict rounds."""
     from flwr.simulation import run_simulation
 
     from .client_app import app as client_app
@@ -577,13 +582,15 @@ def run_flower(pair: Pair, prompts: list[list[int]], *, clients: int, concurrenc
 
     with tempfile.TemporaryDirectory(prefix="specfed-bench-") as tmp:
         overrides = {
-            "target": pair.target_spec, "draft": pair.draft_spec, "draft-quantization": "int8",
+            "target": pair.target_spec, "draft": pair.draft_spec, "draft-quantization": DRAFT_QUANTIZATION,
             "device": "cpu" if pair.target_spec.startswith("tiny") else device,
             "chat-template": False, "results": str(Path(tmp) / "results.jsonl"), "resume": False,
             "max-new-tokens": max_new_tokens, "max-active-sequences": concurrency, "top-k": BASE["k"],
             "draft-length": BASE["gamma"], "reconstruction": BASE["reconstruction"], "temperature": 0.0,
             "min-nodes": clients, "mode": mode, "round-timeout": 300.0,
         }
+        if not pipelined:
+            overrides.update({"pipeline-depth": "1", "draft-ahead": False})
         captured: dict[str, Any] = {}
         server_app = make_server_app(overrides, prompts=prompts, on_result=lambda r: captured.update(result=r))
         started = time.perf_counter()
@@ -606,6 +613,11 @@ def run_flower(pair: Pair, prompts: list[list[int]], *, clients: int, concurrenc
     metrics["simulation_total_s"] = total
     metrics["faults"] = {c: len(f) for c, f in result.faults.items()}
     metrics["draft_loads"] = result.summary.get("draft_loads")
+    metrics["proactive_hits"] = result.summary.get("proactive_hits")
+    metrics["proactive_misses"] = result.summary.get("proactive_misses")
+    metrics["resyncs_after_round_1"] = sum(
+        sum(1 for r in c.get("resync_rounds", []) if r > 1) for c in result.summary.get("clients", {}).values())
+    metrics["pipelined"] = pipelined
     return metrics
 
 
@@ -630,12 +642,13 @@ def _reply_gaps(reply_times: dict[str, list[float]]) -> list[float]:
 
 def run_deployment(pair: Pair, prompts: list[list[int]], *, clients: int, concurrency: int, max_new_tokens: int,
                    references=None, device: str = "auto", timeout: float = 900.0,
-                   runtime: str = "persistent") -> dict[str, Any]:
+                   runtime: str = "persistent", pipelined: bool = False) -> dict[str, Any]:
     """The same app on Flower's DEPLOYMENT engine: ``launch.start_deployment_stack`` (a real SuperLink,
     ``clients`` real SuperNodes) and ``flwr run``, with ``runtime="persistent"`` (one ``specfed-flwr
     device-runtime`` per SuperNode: one warm ClientApp process for all messages) or ``"stock"``
-    (Flower's new ``flwr-clientapp`` process per message, SuperExec poll 0.1 s). Rounds are strict
-    (the next round's messages go out after every reply of this one is in; ``pipelined`` False).
+    (Flower's new ``flwr-clientapp`` process per message, SuperExec poll 0.1 s). ``pipelined`` False:
+    strict rounds (``pipeline-depth=1``, no drafting ahead: the next round's messages go out after
+    every reply of this one is in); True: the run config's defaults (cohorts in flight, drafting ahead).
 
     ``round_s_median``: median wall time of one round as the ServerApp measured it (push, wait for the
     replies, verify, commit); ``reply_gap_s_median``: median gap between a node's consecutive replies.
@@ -654,13 +667,15 @@ def run_deployment(pair: Pair, prompts: list[list[int]], *, clients: int, concur
         prompt_file.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in prompts))
         results = tmp_p / "results.jsonl"
         run_cfg = {
-            "target": pair.target_spec, "draft": pair.draft_spec, "draft-quantization": "int8",
+            "target": pair.target_spec, "draft": pair.draft_spec, "draft-quantization": DRAFT_QUANTIZATION,
             "device": "cpu" if pair.target_spec.startswith("tiny") else device,
             "chat-template": False, "prompts": str(prompt_file), "results": str(results), "resume": False,
             "max-new-tokens": max_new_tokens, "max-active-sequences": concurrency, "top-k": BASE["k"],
             "draft-length": BASE["gamma"], "reconstruction": BASE["reconstruction"], "temperature": 0.0,
             "min-nodes": clients, "round-timeout": 120.0, "node-wait-timeout": 120.0,
         }
+        if not pipelined:
+            run_cfg.update({"pipeline-depth": "1", "draft-ahead": False})
         started = time.perf_counter()
         stack = start_deployment_stack(clients, log_dir=tmp_p / "logs", runtime=runtime)
         try:
@@ -686,7 +701,8 @@ def run_deployment(pair: Pair, prompts: list[list[int]], *, clients: int, concur
     walls = [float(x) for x in summary.get("round_wall_seconds") or []]
     gaps = _reply_gaps(summary.get("reply_times") or {})
     return {
-        "runtime": runtime, "pipelined": False,
+        "runtime": runtime, "pipelined": pipelined,
+        "proactive_hits": summary.get("proactive_hits"), "proactive_misses": summary.get("proactive_misses"),
         "round_s_median": statistics.median(walls) if walls else None,
         "round_s_all": walls,
         "reply_gap_s_median": statistics.median(gaps) if gaps else None,
@@ -1027,7 +1043,7 @@ class Bench:
         sweeps = self.sweep_configs()
         n_jobs = 2 + pr.engine_reps * 4 + 3 + len(sweeps) + 3 + 1 + (0 if self.args.no_flower else
                                                                    len(pr.flower_concurrency) + int(pr.flower_per_device)
-                                                                   + len(Bench.DEPLOYMENT_RUNTIMES)
+                                                                   + len(Bench.DEPLOYMENT_RUNS)
                                                                    * int(not self.args.no_deployment))
         self.bar = tqdm(total=n_jobs, desc="bench", unit="job", file=sys.stderr, mininterval=0.5,
                         disable=self.args.no_progress)
@@ -1043,6 +1059,8 @@ class Bench:
                 self.analysis["flower"] = "skipped (--no-flower)"
             self._deployment()
             self._model_and_theory()
+            if not self.args.no_federation:
+                self._federation()
         finally:
             self.bar.close()
         self.machine["loadavg_end"] = _loadavg()
@@ -1054,6 +1072,100 @@ class Bench:
         self._targets()
         self._write()
         return 0
+
+    # ---- pipelined rounds, the emulated federation, step costs (fedbench) -------------------
+    #: the bars of the pipelining and device-runtime issues, judged on this run's medians
+    FEDERATION_TARGETS = {
+        ("emulated-federation", "split", 4): 1.8, ("emulated-federation", "split", 16): 1.3,
+        ("emulated-federation", "split", 1): 1.5, ("in-process", "shared", 16): 1.0,
+    }
+    STEP_TARGET_RATIO = 1.15
+
+    def _federation(self) -> None:
+        from . import fedbench
+
+        pr = self.preset
+        tokens = pr.max_new_tokens
+        reps = 1 if "quick" in pr.name else 2
+        out: dict[str, Any] = {}
+        self._step("step costs")
+        steps = self._add(fedbench.step_records(self.pair, self.work.prompts, reps=3 if "quick" in pr.name else 5))
+        out["steps"] = steps
+        if not self.tiny:
+            self._step("draft choice")
+            choice = self._add(fedbench.draft_choice(self.pair, self.work.prompts, reps=reps, max_new_tokens=tokens))
+            out["draft_choice"] = choice
+        self._step("engines at the same concurrency")
+        engines = self._add(fedbench.compare_engines(
+            self.pair, self.work.prompts, concurrencies=(1, 4, 16), reps=reps, max_new_tokens=tokens,
+            draft_spec=(self.pair.draft_spec, DRAFT_QUANTIZATION if not self.tiny else "none")))
+        summary = fedbench.summarize(engines)
+        out["engines"] = summary
+        if not self.args.no_flower:
+            self._step("flower sim, make run settings")
+            out["make_run"] = self._make_run_comparison()
+        out["targets"] = self._federation_targets(summary, steps, out.get("make_run"))
+        self.analysis["federation"] = out
+
+    def _add(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """fedbench records into results.json, with every required key."""
+        out = []
+        for rec in records:
+            rec = dict(rec)
+            out.append(self._record(rec.pop("kind"), rec.pop("engine"), rec))
+        self._advance()
+        return out
+
+    def _make_run_comparison(self) -> dict[str, Any]:
+        """``make run``'s settings (the 12 shipped prompts, 2 SuperNodes, 48 new tokens, pipelined,
+        drafting ahead) through the Flower simulation beside target-only batched at 12."""
+        from . import fedbench
+        from .config import SpecFedConfig
+
+        cfg = SpecFedConfig()
+        conc = len(self.work.prompts)
+        prompts = list(self.work.prompts)
+        base = fedbench.target_only(self.pair.target, prompts, concurrency=conc, max_new_tokens=cfg.max_new_tokens,
+                                    eos=self.pair.eos)
+        try:
+            m = run_flower(self.pair, prompts, clients=2, concurrency=min(conc, cfg.max_active_sequences),
+                           max_new_tokens=cfg.max_new_tokens, references=base["outputs"], device=self.args.device,
+                           pipelined=True)
+        except Exception as exc:  # report, do not lose the rest of the run
+            log.exception("Flower simulation (make run settings) failed")
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        rec = self._record("engine_comparison", "flower-simulation", {
+            "concurrency": conc, "cpu_layout": "shared", "tokens_per_s": m["tokens_per_s"],
+            "target_only_tokens_per_s": base["tokens_per_s"],
+            "ratio_vs_target_only": m["tokens_per_s"] / base["tokens_per_s"], "exact_match": m.get("exact_match"),
+            "proactive_hits": m.get("proactive_hits"), "proactive_misses": m.get("proactive_misses"),
+            "draft_loads": m.get("draft_loads"), "resyncs_after_round_1": m.get("resyncs_after_round_1"),
+            "server_cpu_s_per_token": None}, label="make-run-settings")
+        self._advance()
+        return rec
+
+    def _federation_targets(self, engines: dict[str, Any], steps: list[dict], make_run: dict | None) -> list[dict]:
+        rows = []
+        for (engine, layout, conc), bar in self.FEDERATION_TARGETS.items():
+            got = engines.get(f"{engine}/{layout}/{conc}", {}).get("ratio_vs_target_only")
+            rows.append({"target": f"{engine} ({layout} CPUs), concurrency {conc}: >= {bar}x target-only at {conc}",
+                         "value": got, "bar": bar, "met": None if got is None else got >= bar})
+        if make_run and "ratio_vs_target_only" in make_run:
+            got = make_run["ratio_vs_target_only"]
+            rows.append({"target": f"make run settings (Flower simulation, {make_run['concurrency']} prompts): "
+                                   f">= 0.8x target-only at {make_run['concurrency']}",
+                         "value": got, "bar": 0.8, "met": got >= 0.8})
+        split16 = engines.get("emulated-federation/split/16", {})
+        if split16.get("server_cpu_s_per_token") and split16.get("target_only_server_cpu_s_per_token"):
+            got = split16["server_cpu_s_per_token"] / split16["target_only_server_cpu_s_per_token"]
+            rows.append({"target": "server CPU-seconds per token at concurrency 16 <= 0.5x target-only's",
+                         "value": got, "bar": 0.5, "met": got <= 0.5})
+        for rec in steps:
+            if rec["batch"] == 16:
+                rows.append({"target": f"{rec['component']} step at batch 16 <= {self.STEP_TARGET_RATIO}x a raw forward",
+                             "value": rec["ratio"], "bar": self.STEP_TARGET_RATIO,
+                             "met": rec["ratio"] <= self.STEP_TARGET_RATIO})
+        return rows
 
     # ---- engines (greedy) --------------------------------------------------------------------
     def _warmup(self) -> None:
@@ -1183,6 +1295,8 @@ class Bench:
 
     #: ClientApp runtimes of the deployment engine, measured side by side (same prompts, same run)
     DEPLOYMENT_RUNTIMES = ("persistent", "stock")
+    #: (runtime, pipelined) configurations measured: strict rounds on both runtimes, then pipelined
+    DEPLOYMENT_RUNS = (("persistent", False), ("stock", False), ("persistent", True))
     #: issue 11's bar for a strict round with the persistent runtime (stock: 6.3-7.8 s)
     DEPLOYMENT_ROUND_TARGET_S = 4.0
 
@@ -1197,8 +1311,8 @@ class Bench:
                 "reply_gap_s_median": None}
         if self.args.no_flower or self.args.no_deployment:
             why = "--no-flower" if self.args.no_flower else "--no-deployment"
-            for runtime in self.DEPLOYMENT_RUNTIMES:
-                self._record("engine", "flower-deployment", dict(base, runtime=runtime),
+            for runtime, pipelined in self.DEPLOYMENT_RUNS:
+                self._record("engine", "flower-deployment", dict(base, runtime=runtime, pipelined=pipelined),
                              status="not measured", note=f"skipped ({why})")
             self.analysis["deployment_runtimes"] = f"not measured ({why})"
             return
@@ -1206,20 +1320,21 @@ class Bench:
         n = pr.deployment_max_new_tokens
         refs = [r[:n] for r in self.references] if self.references else None
         measured: dict[str, dict[str, Any]] = {}
-        for runtime in self.DEPLOYMENT_RUNTIMES:
-            self._step(f"flower deployment c={conc} {runtime}")
+        for runtime, pipelined in self.DEPLOYMENT_RUNS:
+            name = f"{runtime}{'-pipelined' if pipelined else ''}"
+            self._step(f"flower deployment c={conc} {name}")
             try:
                 m = run_deployment(self.pair, prompts, clients=2, concurrency=conc, max_new_tokens=n, references=refs,
-                                   device=self.args.device, runtime=runtime)
+                                   device=self.args.device, runtime=runtime, pipelined=pipelined)
             except Exception as exc:  # report, do not lose the rest of the run
-                log.exception("Flower deployment run (%s runtime) failed", runtime)
-                self._record("engine", "flower-deployment", dict(base, runtime=runtime), status="failed",
-                             error=f"{type(exc).__name__}: {str(exc)[-600:]}")
+                log.exception("Flower deployment run (%s) failed", name)
+                self._record("engine", "flower-deployment", dict(base, runtime=runtime, pipelined=pipelined),
+                             status="failed", error=f"{type(exc).__name__}: {str(exc)[-600:]}")
                 self._advance()
                 continue
             m["speedup_vs_target_only"] = m["tokens_per_s"] / self.target_only_tps
-            measured[runtime] = self._record("engine", "flower-deployment", m,
-                                             label=f"flower-deployment-2c-c{conc}-{runtime}", status="measured")
+            measured[name] = self._record("engine", "flower-deployment", m,
+                                          label=f"flower-deployment-2c-c{conc}-{name}", status="measured")
             self._advance()
         self.analysis["deployment_runtimes"] = deployment_comparison(measured, self.DEPLOYMENT_ROUND_TARGET_S)
 
@@ -1635,10 +1750,14 @@ class Bench:
 
 def deployment_comparison(measured: dict[str, dict[str, Any]], target_s: float) -> dict[str, Any]:
     """Persistent vs stock deployment records -> the numbers BENCHMARKS.md and docs/DEPLOYMENT.md quote."""
-    out: dict[str, Any] = {"target_round_s": target_s, "pipelined": False}
+    out: dict[str, Any] = {"target_round_s": target_s, "target_reply_gap_s": 0.8}
     for runtime, r in measured.items():
         out[runtime] = {k: r.get(k) for k in ("round_s_median", "reply_gap_s_median", "rounds", "tokens_per_s",
-                                               "clientapp_processes_per_node", "draft_loads", "exact_match")}
+                                               "clientapp_processes_per_node", "draft_loads", "exact_match",
+                                               "pipelined", "proactive_hits", "proactive_misses")}
+    pp = measured.get("persistent-pipelined")
+    if pp and pp.get("reply_gap_s_median") is not None:
+        out["reply_gap_met"] = pp["reply_gap_s_median"] <= 0.8
     p, st = measured.get("persistent"), measured.get("stock")
     if p and p.get("round_s_median") is not None:
         out["met"] = p["round_s_median"] <= target_s
@@ -1683,6 +1802,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--no-flower", action="store_true", help="skip the Flower simulation engine")
     parser.add_argument("--no-deployment", action="store_true",
                         help="skip the Flower deployment engine run (real SuperLink/SuperNodes/draft workers)")
+    parser.add_argument("--no-federation", action="store_true",
+                        help="skip the pipelined-engine comparison, emulated federation and step costs (fedbench)")
     parser.add_argument("--device", default="auto", help="target device for the default pair (auto, cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice; 1 for --tiny)")

@@ -230,8 +230,12 @@ def markdown(bench, plots: dict[str, Path], md_path: Path) -> str:
              "engine comparisons are interleaved repetitions, and they are reported as medians and as ratios "
              "taken within the same repetition, so ratios are more trustworthy than absolute tokens/s.\n")
 
+    fed = a.get("federation")
+    if fed:
+        s.append(_federation_section(fed))
+
     # ---- targets
-    s.append("## Targets\n")
+    s.append("## Targets of the earlier benchmark issue\n")
     s.append(_table(["target", "measured (this run)", "status"],
                     [[t["target"], t["measured"], _status(t["met"])] for t in bench.targets]))
     s.append("\n" + _why(bench) + "\n")
@@ -511,16 +515,18 @@ def _deployment_runtimes(cmp: Any) -> str:
     if not isinstance(cmp, dict):
         return (f"### Deployment engine: persistent device runtime vs stock\n\n{cmp}\n" if cmp else "")
     rows = []
-    for runtime in ("persistent", "stock"):
-        r = cmp.get(runtime)
+    for name in ("persistent", "stock", "persistent-pipelined"):
+        r = cmp.get(name)
+        runtime, pipelined = name.split("-")[0], "yes" if name.endswith("pipelined") else "no"
         if not r:
-            rows.append([runtime, "no", "failed / not measured", "–", "–", "–"])
+            rows.append([runtime, pipelined, "failed / not measured", "–", "–", "–", "–"])
             continue
         procs = r.get("clientapp_processes_per_node") or {}
-        rows.append([runtime, "no", _f(r.get("round_s_median"), ".2f"), _f(r.get("reply_gap_s_median"), ".2f"),
-                     _f(r.get("rounds")), ", ".join(str(v) for v in procs.values()) or "–"])
+        rows.append([runtime, pipelined, _f(r.get("round_s_median"), ".2f"), _f(r.get("reply_gap_s_median"), ".2f"),
+                     _f(r.get("tokens_per_s"), ".2f"), _f(r.get("rounds")),
+                     ", ".join(str(v) for v in procs.values()) or "–"])
     out = ["### Deployment engine: persistent device runtime vs stock\n",
-           _table(["ClientApp runtime", "pipelined", "round (s, median)", "reply gap (s, median)", "rounds",
+           _table(["ClientApp runtime", "pipelined", "round (s, median)", "reply gap (s, median)", "tokens/s", "rounds",
                    "ClientApp processes per node"], rows)]
     if cmp.get("met") is not None:
         verdict = "met" if cmp["met"] else "missed"
@@ -530,6 +536,12 @@ def _deployment_runtimes(cmp: Any) -> str:
                    f"**{verdict}**{speed}. Strict rounds (the next round's messages go out after the last reply of "
                    "this one): a SuperNode sleeps a hard-coded 3 s after an empty pull, which it always finds right after "
                    "sending its reply, and checks for the ClientApp's reply every 0.5 s; that floor is Flower's.\n")
+    if cmp.get("reply_gap_met") is not None:
+        gap = cmp["persistent-pipelined"]["reply_gap_s_median"]
+        out.append(f"Target: with pipelined rounds, a median gap between a node's consecutive replies <= "
+                   f"{cmp['target_reply_gap_s']:.1f} s: {gap:.2f} s, **{'met' if cmp['reply_gap_met'] else 'missed'}** "
+                   "(the next cohort's message is already queued when a node replies, so its SuperNode skips the 3 s "
+                   "idle sleep).\n")
     return "\n".join(out) + "\n"
 
 
@@ -602,3 +614,74 @@ def _why(bench) -> str:
             f"{1000 * r['verify_s_per_round']:.0f} ms verify, {1000 * r['engine_overhead_s_per_round']:.0f} ms engine "
             f"overhead (median; {100 * r['engine_overhead_share']:.0f}% of round time); tau {r['tau']:.2f} per sequence.")
     return "\n".join(lines)
+
+
+def _federation_section(fed: dict[str, Any]) -> str:
+    """Pipelined rounds, the emulated federation, draft choice and step costs (``fedbench``)."""
+    s: list[str] = ["## Pipelined rounds and the emulated federation\n"]
+    s.append("Greedy, the shipped prompts cycled to the concurrency, 32 new tokens, each engine beside "
+             "**target-only batched at the same concurrency** (transformers `generate`, left padding) measured "
+             "back to back in the same repetition; medians over the repetitions. *shared*: every process and "
+             "thread may run on every CPU. *split* (emulated federation): the server process pinned to one CPU "
+             "with one torch thread, the device process pinned to the other CPU(s) "
+             "(`inprocess.ProcessTransport`), and its target-only baseline pinned to the server's CPU with one "
+             "thread. Server CPU s/token is this process's CPU time (`getrusage`), i.e. the server alone in the "
+             "split layout. Rounds are pipelined (`pipeline-depth=auto`) and devices draft ahead.\n")
+    targets = fed.get("targets") or []
+    if targets:
+        s.append("### Targets (this run)\n")
+        s.append(_table(["target", "measured", "status"],
+                        [[t["target"], _f(t["value"], ".2f"), _status(t["met"])] for t in targets]))
+        s.append("")
+    rows = []
+    for key, r in (fed.get("engines") or {}).items():
+        rows.append([r["engine"], r["cpu_layout"], r["concurrency"], _f(r["tokens_per_s"], ".2f"),
+                     _f(r["ratio_vs_target_only"], ".2f") + "x", _f(r.get("server_cpu_s_per_token"), ".4f"),
+                     _f(r.get("target_only_server_cpu_s_per_token"), ".4f"), _f(r.get("exact_match"), ".2f"),
+                     _f(r.get("proactive_hits"), ".0f") + " / " + _f(r.get("proactive_misses"), ".0f"),
+                     _f(r.get("pipeline_depth_median"), ".0f"), r["reps"]])
+    if rows:
+        s.append("### Engines at the same concurrency\n")
+        s.append(_table(["engine", "CPUs", "concurrency", "tokens/s", "vs target-only", "server CPU s/token",
+                         "target-only CPU s/token", "identical to target", "drafted-ahead hits / misses", "depth",
+                         "reps"], rows))
+        s.append("")
+    mr = fed.get("make_run")
+    if mr and "tokens_per_s" in mr:
+        s.append(f"`make run` settings through the Flower simulation engine ({mr['concurrency']} prompts, 2 SuperNodes "
+                 f"in one warm Ray actor, pipelined): {_f(mr['tokens_per_s'], '.2f')} tok/s, "
+                 f"{_f(mr['ratio_vs_target_only'], '.2f')}x target-only batched at {mr['concurrency']} "
+                 f"({_f(mr['target_only_tokens_per_s'], '.2f')} tok/s); draft loads {mr.get('draft_loads')}, "
+                 f"resyncs after round 1: {mr.get('resyncs_after_round_1')}.\n")
+    elif mr:
+        s.append(f"`make run` settings through the Flower simulation: failed ({mr.get('error')}).\n")
+    choice = fed.get("draft_choice") or []
+    if choice:
+        by_q: dict[str, list[dict]] = {}
+        for r in choice:
+            by_q.setdefault(r["draft_quantization"], []).append(r)
+        s.append("### Draft quantization (in-process, concurrency 1, strict rounds, no drafting ahead)\n")
+        s.append(_table(["draft", "tokens/s", "vs target-only", "alpha", "tau", "identical to target"], [
+            [q, _f(_median(rs, "tokens_per_s"), ".2f"), _f(_median(rs, "ratio_vs_target_only"), ".2f") + "x",
+             _f(_median(rs, "alpha")), _f(_median(rs, "tau"), ".2f"), _f(_median(rs, "exact_match"), ".2f")]
+            for q, rs in by_q.items()]))
+        s.append("")
+    steps = fed.get("steps") or []
+    if steps:
+        s.append("### Draft and verify step against the bare forward\n")
+        s.append("`stepcost`: the wrapped step (draft: `HFDraftProposer.propose` per drafted position; verify: "
+                 "`TargetVerifier.score_batch` + `commit`) against the model's own forward on the same shapes with "
+                 "a plain cache, interleaved, medians; rows of equal length, so padding, masks and cache "
+                 "bookkeeping count as overhead.\n")
+        s.append(_table(["component", "batch", "step ms", "raw forward ms", "ratio"], [
+            [r["component"], r["batch"], _f(r["step_ms"], ".1f"), _f(r["raw_forward_ms"], ".1f"), _f(r["ratio"], ".3f")]
+            for r in steps]))
+        s.append("")
+    return "\n".join(s) + "\n"
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> Any:
+    import statistics
+
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None

@@ -123,9 +123,10 @@ def test_tiny_run_lists_both_deployment_runtimes(tiny_run):
     """--no-flower: one not-measured deployment record per ClientApp runtime, with the record fields."""
     out, md = tiny_run
     records = [r for r in json.loads((out / "results.json").read_text()) if r["engine"] == "flower-deployment"]
-    assert sorted(r["runtime"] for r in records) == ["persistent", "stock"]
+    assert sorted((r["runtime"], r["pipelined"]) for r in records) == [
+        ("persistent", False), ("persistent", True), ("stock", False)]
     for r in records:
-        assert r["pipelined"] is False and r["round_s_median"] is None and r["reply_gap_s_median"] is None
+        assert r["round_s_median"] is None and r["reply_gap_s_median"] is None
     assert "Deployment engine: persistent device runtime vs stock" in md.read_text()
 
 
@@ -134,11 +135,14 @@ def test_deployment_comparison_judges_the_persistent_round() -> None:
     fast = bench.deployment_comparison({"persistent": {"round_s_median": 3.5, "reply_gap_s_median": 3.4},
                                         "stock": stock}, 4.0)
     assert fast["met"] is True and fast["round_speedup_vs_stock"] == pytest.approx(2.0)
-    assert fast["persistent"]["round_s_median"] == 3.5 and fast["pipelined"] is False
+    assert fast["persistent"]["round_s_median"] == 3.5 and "reply_gap_met" not in fast
     slow = bench.deployment_comparison({"persistent": {"round_s_median": 4.5}, "stock": stock}, 4.0)
     assert slow["met"] is False
     assert "met" not in bench.deployment_comparison({"stock": stock}, 4.0)  # nothing to judge without persistent
     assert bench._reply_gaps({"a": [1.0, 4.0, 8.0], "b": [2.0, 5.5]}) == [3.0, 4.0, 3.5]
+    piped = bench.deployment_comparison({"persistent-pipelined": {"reply_gap_s_median": 0.7}}, 4.0)
+    assert piped["reply_gap_met"] is True
+    assert bench.deployment_comparison({"persistent-pipelined": {"reply_gap_s_median": 0.9}}, 4.0)["reply_gap_met"] is False
 
 
 @pytest.mark.flower
@@ -158,3 +162,32 @@ def test_deployment_engine_record(tmp_path):
     assert m["reply_gaps"] == 2 * (m["rounds"] - 1) and m["reply_gap_s_median"] > 0
     assert set(m["clientapp_processes_per_node"].values()) == {1}
     assert set(m["draft_loads"].values()) == {1}
+
+
+def test_federation_records_and_report(tiny_run):
+    """The pipelined-engine comparison: same-concurrency target-only beside every engine, on shared
+    and split CPUs, with server CPU per token; step costs against the raw forward."""
+    out, md = tiny_run
+    records = json.loads((out / "results.json").read_text())
+    engines = [r for r in records if r["kind"] == "engine_comparison"]
+    layouts = {(r["engine"], r["cpu_layout"], r["concurrency"]) for r in engines}
+    for conc in (1, 4, 16):
+        assert ("target-only", "shared", conc) in layouts and ("in-process", "shared", conc) in layouts
+        assert ("emulated-federation", "split", conc) in layouts and ("target-only", "split", conc) in layouts
+    assert ("hf-assisted", "shared", 1) in layouts
+    for r in engines:
+        assert r["tokens_per_s"] > 0 and r["target_only_tokens_per_s"] > 0
+        assert math.isclose(r["ratio_vs_target_only"], r["tokens_per_s"] / r["target_only_tokens_per_s"])
+        assert r["exact_match"] == 1.0  # greedy: every engine gives the target's own output
+        if r["cpu_layout"] == "split":
+            assert r["server_cpu_s_per_token"] > 0
+        if r["engine"] in ("in-process", "emulated-federation"):
+            assert r["proactive_hits"] is not None and r["proactive_misses"] is not None
+    steps = [r for r in records if r["kind"] == "step_cost"]
+    assert {(r["component"], r["batch"]) for r in steps} == {(c, b) for c in ("draft", "verify") for b in (1, 4, 16)}
+    for r in steps:
+        assert r["step_ms"] > 0 and r["raw_forward_ms"] > 0
+        assert math.isclose(r["ratio"], r["step_ms"] / r["raw_forward_ms"])
+    text = md.read_text()
+    assert "## Pipelined rounds and the emulated federation" in text
+    assert "### Draft and verify step against the bare forward" in text
