@@ -368,11 +368,35 @@ class Coordinator:
         for seq in self._active.values():
             if seq.cohort >= self.depth and seq.cohort not in busy and seq.seq_id not in in_flight:
                 seq.cohort %= self.depth
+        self._rebalance(busy, in_flight)
         sizes = self._cohort_sizes()
         room = bool(self._waiting) and len(self._active) < self.config.max_active_sequences
         share = self._share()
         return [c for c in range(self.depth) if c not in busy
                 and (sizes.get(c, 0) or (room and (share is None or sizes.get(c, 0) < share)))]
+
+    def _rebalance(self, busy: set[int], in_flight: set[int]) -> None:
+        """After the depth went up, idle cohorts above their share hand sequences to idle cohorts
+        below it (sequences in flight stay where they are), so that the new cohorts get work."""
+        if self.depth <= 1 or len(self._active) < 2:
+            return
+        share = -(-len(self._active) // self.depth)
+        sizes = self._cohort_sizes()
+        takers = [c for c in range(self.depth) if c not in busy and sizes.get(c, 0) < share]
+        if not takers:
+            return
+        for seq in list(self._active.values()):
+            if not takers:
+                break
+            c = seq.cohort
+            if c in busy or seq.seq_id in in_flight or sizes.get(c, 0) <= share:
+                continue
+            taker = takers[0]
+            sizes[c] -= 1
+            sizes[taker] = sizes.get(taker, 0) + 1
+            seq.cohort = taker
+            if sizes[taker] >= share:
+                takers.pop(0)
 
     def _share(self) -> int | None:
         """How many sequences one cohort takes at most when admitting (cohorts stay about equal)."""
