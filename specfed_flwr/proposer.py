@@ -50,8 +50,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, crop_cache, forward_with_cache,
-                      supports_padded_batching)
+from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, check_supported, forward_with_cache,
+                      rollback_cache, supports_padded_batching)
 from .wire import DraftReply, make_reply
 
 _FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
@@ -201,7 +201,7 @@ class _SequenceState:
         """Keep ``tokens[:length]`` (and the cache and top-Ks that belong to it)."""
         if len(self.tokens) > length:
             del self.tokens[length:]
-        self.cache_len = crop_cache(self.cache, self.cache_len, length)
+        self.cache, self.cache_len = rollback_cache(self.cache, self.cache_len, length)
         for pos in [p for p in self.dists if p >= length]:
             del self.dists[pos]
 
@@ -217,6 +217,7 @@ class HFDraftProposer(DraftProposer):
         *,
         batched: bool = True,
     ):
+        check_supported(model, "draft")
         self.model = model.eval()
         self.vocab_size = int(vocab_size or model.config.vocab_size)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -367,7 +368,7 @@ class HFDraftProposer(DraftProposer):
                 return j
             if state.cache_len >= len(state.tokens):
                 # every token is cached: recompute the last one to get its logits
-                state.cache_len = crop_cache(state.cache, state.cache_len, len(state.tokens) - 1)
+                state.cache, state.cache_len = rollback_cache(state.cache, state.cache_len, len(state.tokens) - 1)
             pending = torch.tensor([state.tokens[state.cache_len:]], dtype=torch.long, device=self.device)
             # only the last position's distribution is needed: skip the vocabulary-sized head elsewhere
             keep = {"logits_to_keep": 1} if pending.shape[1] > 1 and accepts_logits_to_keep(self.model) else {}
@@ -383,7 +384,7 @@ class HFDraftProposer(DraftProposer):
         """One batched forward per draft step for all ``states`` (every count >= 1)."""
         for state in states:
             if state.cache_len >= len(state.tokens):
-                state.cache_len = crop_cache(state.cache, state.cache_len, len(state.tokens) - 1)
+                state.cache, state.cache_len = rollback_cache(state.cache, state.cache_len, len(state.tokens) - 1)
         feed = [state.tokens[state.cache_len:] for state in states]
         batch = PaddedBatch(
             [state.cache for state in states],
