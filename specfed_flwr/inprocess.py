@@ -257,12 +257,17 @@ class InProcessEngine:
         eos_token_ids: Iterable[int] | None = None,
         clients: dict[str, DraftClient] | None = None,
         transport: Any = None,
+        vocab_size: int | None = None,
     ):
+        """``vocab_size``: the shared token ids (default: the tokenizer's, capped by the target's
+        output rows; without a tokenizer every output row). Padding rows of either model's head
+        beyond it are kept out of every distribution."""
+        from .models import token_vocab_size
         from .proposer import HFDraftProposer
 
         self.config = config or SpecFedConfig()
         self.tokenizer = tokenizer
-        self.target = TargetVerifier(target_model)
+        self.target = TargetVerifier(target_model, vocab_size=vocab_size or token_vocab_size(target_model, tokenizer))
         self.clients: dict[str, DraftClient] = dict(clients or {})
         for i, model in enumerate(draft_models):
             self.clients[f"drafter-{i}"] = DraftClient(

@@ -577,22 +577,36 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     return {"vocab_size": int(len(tokenizer)), "vocab_sha256": digest.hexdigest()}
 
 
+def token_vocab_size(model: Any, tokenizer: Any = None) -> int:
+    """How many token ids this model's distributions cover: the tokenizer's ids, capped by the model's
+    output rows.
+
+    Checkpoints often pad the embedding/head matrix past the tokenizer (Qwen2.5 0.5B has 151936
+    rows, 7B 152064, both for the same 151665-id tokenizer): the padding rows are no token, so they
+    are kept out of every distribution (draft and target), the wire and the server. Without a
+    tokenizer (tiny test models) every output row is a token.
+    """
+    rows = _vocab_size_of(model) if model is not None else None
+    if tokenizer is None:
+        if rows is None:
+            raise TypeError("token_vocab_size needs a model or a tokenizer")
+        return int(rows)
+    n = int(len(tokenizer))
+    return n if rows is None else min(n, int(rows))
+
+
 def check_vocab_compatible(target_model_or_tok: Any, draft_model_or_tok: Any, *, target_name: str = "target",
                            draft_name: str = "draft") -> int:
     """Refuse a pair whose token ids would not mean the same thing; returns the shared vocabulary size.
 
-    Each side may be a model, a tokenizer, or a ``(model, tokenizer)`` tuple. Model sides are
-    compared by output vocabulary size; tokenizer sides by size and by their (token, id) tables.
+    Each side may be a model, a tokenizer, or a ``(model, tokenizer)`` tuple. When both sides have
+    a tokenizer, the tokenizers decide: same (token, id) table, else refused naming both. The
+    models' padded output sizes may then differ (see ``token_vocab_size``); the shared vocabulary
+    is the target's token ids, and the draft must have an output row for each. Without both
+    tokenizers nothing shows which rows are padding, so the output sizes must be equal.
     """
     t_model, t_tok = _split(target_model_or_tok)
     d_model, d_tok = _split(draft_model_or_tok)
-    t_size = _vocab_size_of(t_model if t_model is not None else t_tok)
-    d_size = _vocab_size_of(d_model if d_model is not None else d_tok)
-    if t_size != d_size:
-        raise VocabularyMismatchError(
-            f"vocabulary mismatch: {target_name} has {t_size} tokens but {draft_name} has {d_size}; the draft must "
-            "share the target's tokenizer (same vocabulary size and token ids)"
-        )
     if t_tok is not None and d_tok is not None:
         t_fp, d_fp = tokenizer_fingerprint(t_tok), tokenizer_fingerprint(d_tok)
         if t_fp != d_fp:
@@ -601,6 +615,21 @@ def check_vocab_compatible(target_model_or_tok: Any, draft_model_or_tok: Any, *,
                 f"{t_fp['vocab_sha256'][:12]}) but {draft_name} has {d_fp['vocab_size']} (vocab sha256 "
                 f"{d_fp['vocab_sha256'][:12]}); the token ids would not mean the same"
             )
+        shared = token_vocab_size(t_model, t_tok)
+        if d_model is not None and _vocab_size_of(d_model) < shared:
+            raise VocabularyMismatchError(
+                f"vocabulary mismatch: {target_name} scores {shared} token ids but {draft_name} has only "
+                f"{_vocab_size_of(d_model)} output rows; the draft cannot propose every token"
+            )
+        return int(shared)
+    t_size = _vocab_size_of(t_model if t_model is not None else t_tok)
+    d_size = _vocab_size_of(d_model if d_model is not None else d_tok)
+    if t_size != d_size:
+        raise VocabularyMismatchError(
+            f"vocabulary mismatch: {target_name} has {t_size} tokens but {draft_name} has {d_size}; the draft must "
+            "share the target's tokenizer (same vocabulary size and token ids; give both tokenizers to accept "
+            "embedding matrices padded to different sizes)"
+        )
     return int(t_size)
 
 
@@ -742,7 +771,8 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 1024, *, hi
     """A random fp32 causal LM of architecture ``arch`` (see ``TINY_ARCHITECTURES``), deterministic
     from ``seed`` (global RNG untouched). ``padded_vocab_size`` gives the embedding matrix more rows
     than the ``vocab_size`` real tokens use, as padded checkpoints do (e.g. Qwen2.5 0.5B vs 7B): the
-    padding rows' logits are made large so that a pipeline that forgets to drop them fails."""
+    padding rows are scaled copies of real rows, so they win the argmax: a pipeline that forgets to
+    drop them fails."""
     import transformers as tf
 
     rows = int(padded_vocab_size or vocab_size)
@@ -787,13 +817,10 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 1024, *, hi
     finally:
         torch.random.set_rng_state(state)
     if rows > vocab_size:
-        with torch.no_grad():
+        with torch.no_grad():  # padding row j = 3 x real row j: beats every real logit whose max is > 0
             head = model.get_output_embeddings()
-            head.weight[vocab_size:] = 0.0
-            if getattr(head, "bias", None) is not None:
-                head.bias[vocab_size:] = 50.0
-            else:  # no bias: make the padding rows point along the mean hidden direction, strongly
-                head.weight[vocab_size:] = 10.0
+            extra = torch.arange(rows - vocab_size) % vocab_size
+            head.weight[vocab_size:] = 3.0 * head.weight[extra]
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     model.generation_config.bos_token_id = None

@@ -41,7 +41,7 @@ def serve(
                              rounds=[], nodes={}, excluded={})
     started = time.perf_counter()
     loaded = load_target_spec(cfg.target, cfg.device)
-    verifier = TargetVerifier(loaded.model)
+    verifier = TargetVerifier(loaded.model, vocab_size=loaded.vocab_size)
     log(INFO, "target %s on %s loaded in %.1f s", loaded.identity, verifier.device, time.perf_counter() - started)
     fingerprint = None
     if loaded.tokenizer is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .models import resolve_device, tiny_llama
+from .models import resolve_device, tiny_llama, token_vocab_size
 
 __all__ = ["LoadedModel", "load_draft_spec", "load_target_spec", "tiny_llama"]
 
@@ -23,7 +23,7 @@ class LoadedModel:
     tokenizer: Any  # None for tiny models
     identity: str
     load_seconds: float
-    vocab_size: int
+    vocab_size: int  # token ids its distributions cover (padding rows of the head excluded)
 
 
 def _tiny(spec: str) -> LoadedModel:
@@ -47,7 +47,8 @@ def load_target_spec(spec: str, device: str = "auto") -> LoadedModel:
 
     started = time.perf_counter()
     model, tokenizer = load_target(spec, device=device)
-    return LoadedModel(model, tokenizer, f"{spec} (fp32)", time.perf_counter() - started, int(model.config.vocab_size))
+    return LoadedModel(model, tokenizer, f"{spec} (fp32)", time.perf_counter() - started,
+                       token_vocab_size(model, tokenizer))
 
 
 def load_draft_spec(spec: str, quantization: str = "int4", device: str = "cpu") -> LoadedModel:
@@ -57,4 +58,5 @@ def load_draft_spec(spec: str, quantization: str = "int4", device: str = "cpu") 
 
     started = time.perf_counter()
     model, tokenizer = load_draft(spec, quantization=quantization, device=device)
-    return LoadedModel(model, tokenizer, f"{spec} ({quantization})", time.perf_counter() - started, int(model.config.vocab_size))
+    return LoadedModel(model, tokenizer, f"{spec} ({quantization})", time.perf_counter() - started,
+                       token_vocab_size(model, tokenizer))
