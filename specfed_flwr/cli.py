@@ -158,7 +158,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    target = load_target_spec(cfg.target, cfg.device)
+    target = load_target_spec(cfg.target, cfg.device, cfg.target_dtype, cfg.target_device_map)
     draft = load_draft_spec(cfg.draft, cfg.draft_quantization)
     from specfed_flwr.models import VocabularyMismatchError, check_vocab_compatible
 

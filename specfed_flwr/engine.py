@@ -33,6 +33,7 @@ from .reconstruction import reconstruct_sparse
 from .sparse import SparseQ, zeros as sparse_zeros
 from .target import TargetVerifier
 from .theory import AdaptiveController, ControllerConfig, LinkProfile
+from .sampling import SamplingSettings, path_seen, penalize, warped_probs
 from .verification import VerificationResult, verify_greedy, verify_sampling
 from .wire import DraftReply, full_distribution_bytes, payload_bytes
 
@@ -706,18 +707,30 @@ class Coordinator:
 
     def _score(self, seqs: list[_Sequence], path: DraftPath) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """ONE target forward over every sequence's path: the logits [B, G+1, V], in sampling
-        mode also the probabilities at the sampling temperature [B, G+1, V] (None in greedy
-        mode, which needs only the argmax), and the seconds the forward took."""
+        mode also the target's sampling law [B, G+1, V] (None in greedy mode, which needs only
+        the argmax), and the seconds the forward took.
+
+        The law is the target's own sampler under the run's settings (``sampling.warp``:
+        repetition penalty per position from the row's committed tokens + path prefix, then
+        temperature, top-k-sampling, top-p, min-p), so the accept test keeps exactly that law.
+        Greedy applies only the repetition penalty, like ``generate(do_sample=False)``."""
         g = path.tokens.shape[1]
         paths = [path.tokens[i, : int(path.lengths[i])].tolist() for i in range(len(seqs))]
         verify_started = time.perf_counter()
         logits = self.target.score_batch([s.seq_id for s in seqs], paths)  # [B, G'+1, V], G' = longest path
         verify_seconds = time.perf_counter() - verify_started
         logits = logits[:, : g + 1]  # [B, G+1, V] (a wrapped scorer may pad wider)
+        settings = SamplingSettings.from_config(self.config)
+        seen = None
+        if settings.penalizes:
+            seen = path_seen([s.committed for s in seqs], path.tokens, path.lengths, logits.shape[-1])  # [B, G+1, V]
         if self.config.greedy:
-            return logits, None, verify_seconds
-        temperature = self.config.temperature
-        probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # [B, G+1, V]
+            return (penalize(logits, seen, settings.repetition_penalty) if seen is not None else logits), None, verify_seconds
+        if not settings.truncates and seen is None:
+            temperature = settings.temperature
+            probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # [B, G+1, V]
+        else:
+            probs = warped_probs(logits, settings, seen)  # [B, G+1, V]
         return logits, probs, verify_seconds
 
     def _verify(self, logits: torch.Tensor, probs: torch.Tensor | None, path: DraftPath) -> VerificationResult:

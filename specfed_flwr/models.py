@@ -647,11 +647,13 @@ def _resolve_source(name_or_path: str) -> tuple[str, str]:
     return str(name_or_path), str(name_or_path)
 
 
-def _load_float(name_or_path: str, dtype: torch.dtype) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase", str]:
+def _load_float(name_or_path: str, dtype: torch.dtype, device_map: str | None = None
+                ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase", str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, label = _resolve_source(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    extra = {"device_map": device_map} if device_map else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     from .kvcache import check_supported
 
     check_supported(model, str(name_or_path))  # refused here, at load, rather than in the first round
@@ -665,14 +667,33 @@ def _annotate(model: nn.Module, **info: Any) -> None:
     model.specfed_info = existing
 
 
-def load_target(name_or_path: str = DEFAULT_NAME, device: str = "auto", dtype: torch.dtype = torch.float32):
-    """The target model (float, default fp32) on ``resolve_device(device)``, with its tokenizer."""
+TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def target_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``target-dtype`` (float32 | bfloat16 | float16) as a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return TARGET_DTYPES[str(name).strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown target dtype {name!r}: expected one of {', '.join(TARGET_DTYPES)}") from None
+
+
+def load_target(name_or_path: str = DEFAULT_NAME, device: str = "auto", dtype: torch.dtype | str = torch.float32,
+                device_map: str | None = None):
+    """The target model in ``dtype`` (default fp32) with its tokenizer: on ``resolve_device(device)``,
+    or placed by accelerate when ``device_map`` is given (e.g. ``auto``: split over several GPUs)."""
     started = time.perf_counter()
-    target_device = resolve_device(device)
-    model, tokenizer, label = _load_float(name_or_path, dtype)
-    model.to(target_device)
+    dtype = target_dtype(dtype)
+    model, tokenizer, label = _load_float(name_or_path, dtype, device_map or None)
+    if device_map:
+        target_device = next(model.parameters()).device  # where the inputs go (the embedding's device)
+    else:
+        target_device = resolve_device(device)
+        model.to(target_device)
     _annotate(model, name=str(name_or_path), source=label, dtype=str(dtype).replace("torch.", ""),
-              device=str(target_device), quantization="none", parameter_bytes=model_nbytes(model),
+              device=str(target_device), device_map=str(device_map or ""), quantization="none", parameter_bytes=model_nbytes(model),
               load_seconds=round(time.perf_counter() - started, 3))
     return model, tokenizer
 

@@ -40,7 +40,7 @@ def serve(
         return SpecFedResult(sequences=[], summary={"sequences": 0, "already_done": len(prompt_list)},
                              rounds=[], nodes={}, excluded={})
     started = time.perf_counter()
-    loaded = load_target_spec(cfg.target, cfg.device)
+    loaded = load_target_spec(cfg.target, cfg.device, cfg.target_dtype, cfg.target_device_map)
     verifier = TargetVerifier(loaded.model, vocab_size=loaded.vocab_size)
     log(INFO, "target %s on %s loaded in %.1f s", loaded.identity, verifier.device, time.perf_counter() - started)
     fingerprint = None

@@ -38,16 +38,19 @@ def _tiny(spec: str) -> LoadedModel:
     return LoadedModel(model, None, spec, time.perf_counter() - started, vocab)
 
 
-def load_target_spec(spec: str, device: str = "auto") -> LoadedModel:
+def load_target_spec(spec: str, device: str = "auto", dtype: str = "float32", device_map: str = "") -> LoadedModel:
+    """The target of a run: ``target``, ``device``, ``target-dtype`` and ``target-device-map``."""
+    from .models import load_target, target_dtype
+
+    torch_dtype = target_dtype(dtype)
     if spec.startswith("tiny"):
         loaded = _tiny(spec)
-        loaded.model.to(resolve_device(device))
+        loaded.model.to(device=resolve_device(device), dtype=torch_dtype)
         return loaded
-    from .models import load_target
-
     started = time.perf_counter()
-    model, tokenizer = load_target(spec, device=device)
-    return LoadedModel(model, tokenizer, f"{spec} (fp32)", time.perf_counter() - started,
+    model, tokenizer = load_target(spec, device=device, dtype=torch_dtype, device_map=device_map or None)
+    label = str(torch_dtype).replace("torch.", "") + (f", device_map={device_map}" if device_map else "")
+    return LoadedModel(model, tokenizer, f"{spec} ({label})", time.perf_counter() - started,
                        token_vocab_size(model, tokenizer))
 
 
