@@ -479,6 +479,10 @@ class Coordinator:
                 seed=self.config.seed,
                 round=self.round,
                 release=release,
+                top_k_sampling=self.config.top_k_sampling,
+                top_p=self.config.top_p,
+                min_p=self.config.min_p,
+                repetition_penalty=self.config.repetition_penalty,
             )
         plan = RoundPlan(round=self.round, cohort=cohort, seq_ids=[s.seq_id for s in seqs], requests=requests,
                          committed={s.seq_id: len(s.committed) for s in seqs})

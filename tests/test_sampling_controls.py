@@ -221,3 +221,28 @@ def test_bad_values_stop_the_run_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=f"config key '{key}'") as err:
         load_config({key: value})
     assert "\n" not in str(err.value)
+
+
+def test_devices_draft_from_the_warped_draft_law():
+    """A device sends (and samples from) its own law under the target's sampler settings: with
+    top-k-sampling=3 at most 3 slots are non-zero, and the sent top-K is the warped draft law."""
+    from specfed_flwr.proposer import HFDraftProposer
+
+    draft = tiny_llama(seed=3, vocab_size=64)
+    proposer = HFDraftProposer(draft)
+    prompt = [5, 9, 9, 2]
+    proposer.sync(1, 0, prompt)
+    settings = SamplingSettings(top_k=3, repetition_penalty=1.3)
+    reply = proposer.propose([1], [3], 8, temperature=0.8, sampling="sparse", seed=1, warp=settings)
+    probs = reply.probs[0].astype(np.float32)  # [G, K]
+    assert ((probs > 0).sum(-1) <= 3).all()
+    drafted = proposer.drafted_tokens(1)
+    with torch.inference_mode():
+        logits = draft(torch.tensor([prompt + drafted[:1]])).logits[0, -2:]  # positions 0 and 1
+    want = warped_probs(logits, SamplingSettings(temperature=0.8, top_k=3, repetition_penalty=1.3),
+                        seen_mask([prompt, prompt + drafted[:1]], 64))
+    for j in range(2):
+        sent = dict(zip(reply.token_ids[0, j].tolist(), probs[j].tolist()))
+        top = torch.topk(want[j], 3)
+        for token, p in zip(top.indices.tolist(), top.values.tolist()):
+            assert abs(sent[token] - p) < 2e-3
