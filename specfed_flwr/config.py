@@ -59,6 +59,7 @@ class SpecFedConfig:
     top_k_sampling: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    stop: str = ""  # a stop string, or a JSON list of them ('["\\n\\n", "END"]'); "" = none
     seed: int = 0
     # workload
     max_new_tokens: int = 48
@@ -102,6 +103,10 @@ class SpecFedConfig:
             return "pick"  # paper-faithful: the client's own token against q_hat
         return "pick" if self.reconstruction == "exact" else "consensus"
 
+    def stop_strings(self) -> list[str]:
+        """``stop`` as a list: "" -> none, a JSON list of strings, else the one string."""
+        return parse_stop(self.stop, "stop")
+
     def depth(self) -> int | None:
         """``pipeline-depth`` as a number, or None for ``auto``."""
         return None if self.pipeline_depth == "auto" else int(self.pipeline_depth)
@@ -142,6 +147,7 @@ class SpecFedConfig:
             raise ConfigError(f"config key 'top-k-sampling': must be >= 0 (0 = off), got {self.top_k_sampling}")
         if not 0 <= self.min_p < 1:
             raise ConfigError(f"config key 'min-p': must be in [0, 1) (0 = off), got {self.min_p}")
+        self.stop_strings()
         if not self.repetition_penalty > 0:
             raise ConfigError(f"config key 'repetition-penalty': must be > 0 (1 = off), got {self.repetition_penalty}")
         if not 0 < self.weight_ema <= 1:
@@ -170,6 +176,24 @@ class SpecFedConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_stop(value: Any, key: str) -> list[str]:
+    """Stop strings from a config value or a prompt record: "" / None -> [], a string, a JSON list
+    string, or a list of non-empty strings. Raises ConfigError naming ``key``."""
+    import json
+
+    if value is None or value == "":
+        return []
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"config key '{key}': not a JSON list of strings: {value!r}") from None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise ConfigError(f"config key '{key}': expected a non-empty string or a list of them, got {value!r}")
+    return list(items)
 
 
 def _kebab(name: str) -> str:

@@ -96,6 +96,7 @@ class _Sequence:
     accepted: int = 0
     alpha_sum: float = 0.0
     alpha_n: int = 0
+    stop: tuple[str, ...] = ()  # stop strings of this sequence (run's ``stop`` or its prompt's own)
 
     @property
     def committed(self) -> list[int]:
@@ -240,8 +241,12 @@ class Coordinator:
         *,
         eos_token_ids: Iterable[int] = (),
         client_settings: dict[str, tuple[int, int]] | None = None,
+        tokenizer: Any = None,
     ):
+        """``tokenizer`` decodes the output for stop strings (``stop``); without one, a run or
+        prompt with stop strings is refused at submit."""
         self.target = target
+        self.tokenizer = tokenizer
         self.config = config
         self.vocab_size = target.vocab_size
         self.eos_token_ids = {int(t) for t in eos_token_ids}
@@ -307,8 +312,15 @@ class Coordinator:
         max_new_tokens: int | None = None,
         owner: str | None = None,
         prompt: str | None = None,
+        stop: Sequence[str] | None = None,
     ) -> int:
+        """Queue a prompt; ``max_new_tokens`` and ``stop`` override the run's for this sequence."""
         prompt_ids = [int(t) for t in prompt_ids]
+        stops = tuple(self.config.stop_strings() if stop is None else [str(s) for s in stop])
+        if any(not s for s in stops):
+            raise ValueError("a stop string must not be empty")
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need the target's tokenizer to decode the output (this target has none)")
         if not prompt_ids:
             raise ValueError("a prompt must have at least one token")
         if len(prompt_ids) > self.config.max_prompt_tokens:
@@ -330,6 +342,7 @@ class Coordinator:
                 max_new_tokens=budget,
                 owner=owner,
                 prompt=prompt,
+                stop=stops,
             )
         )
         return seq_id
@@ -803,12 +816,24 @@ class Coordinator:
                 if tok in self.eos_token_ids:
                     reason = "eos"
                     break
+                if seq.stop and self._stopped(seq):
+                    reason = "stop"
+                    break
             if reason is None and seq.remaining <= 0:
                 reason = "length"
                 self.hit_limit("max_new_tokens", f"sequence {seq.index} stopped at {seq.max_new_tokens} new tokens")
             if reason is not None:
                 finished.append(self._finish(seq, reason))
         return emitted, finished
+
+    def _stopped(self, seq: _Sequence) -> bool:
+        """Whether the output now contains one of the sequence's stop strings (checked after every
+        token, so the output ends with the token that completes it, as generate's ``stop_strings``).
+        Only the tail that can hold a new match is decoded."""
+        longest = max(len(s) for s in seq.stop)
+        tail = seq.generated[-(longest + 8):]  # a token decodes to >= 1 character (+ slack for merges)
+        text = self.tokenizer.decode(tail, skip_special_tokens=False)
+        return any(s in text for s in seq.stop)
 
     def _finish(self, seq: _Sequence, reason: str) -> SequenceResult:
         del self._active[seq.seq_id]

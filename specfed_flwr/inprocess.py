@@ -288,13 +288,17 @@ class InProcessEngine:
         max_new_tokens: int | None = None,
         owners: Sequence[str] | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
+        options: Sequence[Mapping[str, Any]] | None = None,
     ) -> GenerationResult:
-        coordinator = Coordinator(self.target, self.config, eos_token_ids=self.eos_token_ids)
+        """``options[i]``: prompt i's overrides (``max_new_tokens``, ``stop``; see ``prompts.prompt_options``)."""
+        coordinator = Coordinator(self.target, self.config, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
         for i, prompt in enumerate(prompts):
             text = prompt if isinstance(prompt, str) else None
             ids = encode_prompt(self.tokenizer, prompt, self.config.chat_template)
+            own = dict(options[i]) if options else {}
             coordinator.submit(
-                ids, index=i, max_new_tokens=max_new_tokens, owner=owners[i] if owners else None, prompt=text
+                ids, index=i, max_new_tokens=own.get("max_new_tokens", max_new_tokens),
+                owner=owners[i] if owners else None, prompt=text, stop=own.get("stop"),
             )
         transport = self.transport or ThreadTransport(self.clients)
         names = list(self.clients) if self.transport is None else list(getattr(self.transport, "names", self.clients))

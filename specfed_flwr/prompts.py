@@ -12,6 +12,45 @@ def default_prompt_records() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+#: per-prompt overrides a JSONL record may carry, and those refused (not per sequence yet)
+PROMPT_OPTIONS = ("max_new_tokens", "stop")
+UNSUPPORTED_PROMPT_OPTIONS = ("temperature", "top_p", "seed")
+
+
+def prompt_options(spec: str) -> list[dict]:
+    """Per-prompt overrides of a ``.jsonl`` prompt file, one dict per prompt (``{}`` when none):
+    ``max_new_tokens`` (1..the run's max-new-tokens) and ``stop`` (a string or a list of them).
+
+    ``temperature``, ``top_p`` and ``seed`` per prompt are refused with a clear message: the
+    server's selection scheme and the devices' sampling mode are per run, so a per-row
+    temperature would need per-row verification (see README, limits)."""
+    from .config import ConfigError, parse_stop
+
+    if spec == "default" or Path(spec).suffix != ".jsonl":
+        return [{} for _ in load_prompts(spec)]
+    path = Path(spec).expanduser()
+    out = []
+    for n, line in enumerate([l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()], 1):
+        record = json.loads(line)
+        unsupported = [k for k in UNSUPPORTED_PROMPT_OPTIONS if k in record]
+        if unsupported:
+            raise ValueError(f"{path}:{n}: per-prompt {', '.join(unsupported)} not supported (set the run-config "
+                             "keys temperature / top-p / seed for the whole run)")
+        options = {}
+        if "max_new_tokens" in record:
+            value = record["max_new_tokens"]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{path}:{n}: max_new_tokens must be a positive integer, got {value!r}")
+            options["max_new_tokens"] = value
+        if "stop" in record:
+            try:
+                options["stop"] = parse_stop(record["stop"], "stop")
+            except ConfigError as exc:
+                raise ValueError(f"{path}:{n}: {exc}") from None
+        out.append(options)
+    return out
+
+
 def load_prompts(spec: str) -> list[str] | list[list[int]]:
     """``default``, a ``.jsonl`` file of {"prompt": "..."} or {"prompt_ids": [token ids]}
     objects (ids: already tokenized, e.g. for models without a tokenizer), or a text file with

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 
 from .config import SpecFedConfig, load_config
 from .tokens import default_eos_ids
-from .prompts import load_prompts
+from .prompts import load_prompts, prompt_options
 from .report import summary_table
 from .results import ResultsWriter
 from .specs import load_target_spec
@@ -29,6 +29,7 @@ def serve(
     """Prompts are texts (encoded with the target's tokenizer) or token-id lists."""
     cfg = run_config if isinstance(run_config, SpecFedConfig) else load_config(run_config)
     prompt_list = prompts if prompts is not None else load_prompts(cfg.prompts)
+    options = prompt_options(cfg.prompts) if prompts is None else [{} for _ in prompt_list]
     writer = ResultsWriter(cfg.results, resume=cfg.resume)
     todo = [(i, p) for i, p in enumerate(prompt_list) if not writer.is_done(i, p)]
     if len(todo) < len(prompt_list):
@@ -56,7 +57,8 @@ def serve(
         tokenizer_fingerprint=fingerprint,
         on_finished=writer.write,
     )
-    result = strategy.generate(grid, [p for _, p in todo], indices=[i for i, _ in todo])
+    result = strategy.generate(grid, [p for _, p in todo], indices=[i for i, _ in todo],
+                               options={i: options[i] for i, _ in todo})
     result.summary["results_file"] = str(Path(cfg.results).resolve())
     result.summary["target_device"] = str(verifier.device)
     result.summary["config"] = cfg.as_dict()

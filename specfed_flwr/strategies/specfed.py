@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -229,14 +229,16 @@ class SpecFedStrategy(Strategy):
         prompts: Sequence[str | Sequence[int]],
         *,
         indices: Sequence[int] | None = None,
+        options: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> SpecFedResult:
+        """``options[index]``: that prompt's overrides (``max_new_tokens``, ``stop``)."""
         cfg = self.config
         self.summary()
         started = time.perf_counter()
         nodes = self._wait_for_nodes(grid)
         log(INFO, "%d node(s) connected; handshaking", len(nodes))
         infos, excluded = self.handshake(grid, nodes) if nodes else ({}, {})
-        coordinator = Coordinator(self.target, cfg, eos_token_ids=self.eos_token_ids)
+        coordinator = Coordinator(self.target, cfg, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
         for name, info in infos.items():
             gamma, k = coordinator.settings_for(name)
             if "max-k" in info:
@@ -250,7 +252,9 @@ class SpecFedStrategy(Strategy):
         for index, prompt, owner in items:
             try:
                 ids = encode_prompt(self.tokenizer, prompt, cfg.chat_template)
-                coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None)
+                own = dict((options or {}).get(index, {}))
+                coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None,
+                                   max_new_tokens=own.get("max_new_tokens"), stop=own.get("stop"))
             except (ValueError, TypeError) as exc:  # one bad prompt must not end the run
                 refused[index] = str(exc)
                 log(WARNING, "prompt %d refused: %s", index, exc)
