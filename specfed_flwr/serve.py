@@ -43,6 +43,11 @@ def serve(
     started = time.perf_counter()
     loaded = load_target_spec(cfg.target, cfg.device, cfg.target_dtype, cfg.target_device_map)
     verifier = TargetVerifier(loaded.model, vocab_size=loaded.vocab_size)
+    if loaded.tokenizer is None and (cfg.stop_strings() or any(o.get("stop") for o in options)):
+        # fail once, at start, rather than refusing every prompt in turn
+        from .config import ConfigError
+
+        raise ConfigError(f"config key 'stop': stop strings need the target's tokenizer; target {cfg.target!r} has none")
     log(INFO, "target %s on %s loaded in %.1f s", loaded.identity, verifier.device, time.perf_counter() - started)
     fingerprint = None
     if loaded.tokenizer is not None:
