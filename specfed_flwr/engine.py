@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -97,6 +97,7 @@ class _Sequence:
     alpha_sum: float = 0.0
     alpha_n: int = 0
     stop: tuple[str, ...] = ()  # stop strings of this sequence (run's ``stop`` or its prompt's own)
+    sampling: SamplingSettings | None = None  # this prompt's own temperature / top-p (None: the run's)
 
     @property
     def committed(self) -> list[int]:
@@ -313,8 +314,26 @@ class Coordinator:
         owner: str | None = None,
         prompt: str | None = None,
         stop: Sequence[str] | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
     ) -> int:
-        """Queue a prompt; ``max_new_tokens`` and ``stop`` override the run's for this sequence."""
+        """Queue a prompt; ``max_new_tokens``, ``stop``, ``temperature`` and ``top_p`` override the
+        run's for this sequence.
+
+        A per-prompt temperature / top-p changes only the law the server verifies this row against
+        (exact whatever the devices drafted from). Temperature 0 in a sampling run is greedy as a
+        point mass on the argmax (top-k 1). A sampling prompt in a greedy run is refused: greedy
+        runs draft and select greedily, which is not a sample of what is sent."""
+        sampling = None
+        if temperature is not None or top_p is not None:
+            if self.config.greedy and temperature is not None and float(temperature) > 0:
+                raise ValueError("a per-prompt temperature > 0 needs a sampling run (run-config temperature > 0)")
+            base = SamplingSettings.from_config(self.config)
+            t = base.temperature if temperature is None else float(temperature)
+            p = base.top_p if top_p is None else float(top_p)
+            if not (t >= 0 and 0 < p <= 1):
+                raise ValueError(f"per-prompt temperature must be >= 0 and top_p in (0, 1], got {t}, {p}")
+            sampling = replace(base, temperature=t if t > 0 else 1.0, top_p=p, top_k=1 if t == 0 else base.top_k)
         prompt_ids = [int(t) for t in prompt_ids]
         stops = tuple(self.config.stop_strings() if stop is None else [str(s) for s in stop])
         if any(not s for s in stops):
@@ -343,6 +362,7 @@ class Coordinator:
                 owner=owner,
                 prompt=prompt,
                 stop=stops,
+                sampling=sampling,
             )
         )
         return seq_id
@@ -743,7 +763,10 @@ class Coordinator:
             seen = path_seen([s.committed for s in seqs], path.tokens, path.lengths, logits.shape[-1])  # [B, G+1, V]
         if self.config.greedy:
             return (penalize(logits, seen, settings.repetition_penalty) if seen is not None else logits), None, verify_seconds
-        if not settings.truncates and seen is None:
+        if any(s.sampling is not None for s in seqs):  # some rows have their own temperature / top-p
+            probs = torch.stack([warped_probs(logits[i], s.sampling or settings, None if seen is None else seen[i])
+                                 for i, s in enumerate(seqs)])  # [B, G+1, V]
+        elif not settings.truncates and seen is None:
             temperature = settings.temperature
             probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # [B, G+1, V]
         else:

@@ -299,6 +299,7 @@ class InProcessEngine:
             coordinator.submit(
                 ids, index=i, max_new_tokens=own.get("max_new_tokens", max_new_tokens),
                 owner=owners[i] if owners else None, prompt=text, stop=own.get("stop"),
+                temperature=own.get("temperature"), top_p=own.get("top_p"),
             )
         transport = self.transport or ThreadTransport(self.clients)
         names = list(self.clients) if self.transport is None else list(getattr(self.transport, "names", self.clients))

@@ -13,17 +13,17 @@ def default_prompt_records() -> list[dict]:
 
 
 #: per-prompt overrides a JSONL record may carry, and those refused (not per sequence yet)
-PROMPT_OPTIONS = ("max_new_tokens", "stop")
-UNSUPPORTED_PROMPT_OPTIONS = ("temperature", "top_p", "seed")
+PROMPT_OPTIONS = ("max_new_tokens", "stop", "temperature", "top_p")
+UNSUPPORTED_PROMPT_OPTIONS = ("seed",)
 
 
 def prompt_options(spec: str) -> list[dict]:
     """Per-prompt overrides of a ``.jsonl`` prompt file, one dict per prompt (``{}`` when none):
-    ``max_new_tokens`` (1..the run's max-new-tokens) and ``stop`` (a string or a list of them).
+    ``max_new_tokens`` (1..the run's max-new-tokens), ``stop`` (a string or a list of them),
+    ``temperature`` (>= 0; > 0 only in a sampling run) and ``top_p`` (in (0, 1]).
 
-    ``temperature``, ``top_p`` and ``seed`` per prompt are refused with a clear message: the
-    server's selection scheme and the devices' sampling mode are per run, so a per-row
-    temperature would need per-row verification (see README, limits)."""
+    ``seed`` per prompt is refused with a clear message: the server samples every row from one
+    generator seeded per run, so a per-row seed would not reproduce a row on its own."""
     from .config import ConfigError, parse_stop
 
     if spec == "default" or Path(spec).suffix != ".jsonl":
@@ -42,6 +42,14 @@ def prompt_options(spec: str) -> list[dict]:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{path}:{n}: max_new_tokens must be a positive integer, got {value!r}")
             options["max_new_tokens"] = value
+        for key, low_ok in (("temperature", True), ("top_p", False)):
+            if key in record:
+                value = record[key]
+                good = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    value >= 0 if low_ok else 0 < value <= 1)
+                if not good:
+                    raise ValueError(f"{path}:{n}: {key} must be {'>= 0' if low_ok else 'in (0, 1]'}, got {value!r}")
+                options[key] = float(value)
         if "stop" in record:
             try:
                 options["stop"] = parse_stop(record["stop"], "stop")

@@ -80,7 +80,8 @@ def test_per_prompt_overrides_from_jsonl(setup, tmp_path):
 
 
 @pytest.mark.parametrize("record,message", [
-    ({"prompt": "x", "temperature": 0.7}, "per-prompt temperature not supported"),
+    ({"prompt": "x", "seed": 3}, "per-prompt seed not supported"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p must be in"),
     ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ({"prompt": "x", "stop": [""]}, "config key 'stop'"),
 ])
@@ -98,3 +99,31 @@ def test_bad_stop_config_and_stop_without_tokenizer(setup):
     cfg = SpecFedConfig(max_k=VOCAB, stop="END")
     with pytest.raises(ValueError, match="stop strings need the target's tokenizer"):
         InProcessEngine(target, [draft], cfg, eos_token_ids=[]).generate(prompts)
+
+
+def test_per_prompt_temperature_and_top_p_in_a_sampling_run(setup):
+    """Row overrides change only the law that row is verified against: temperature 0 gives the
+    target's greedy output (a point mass on the argmax), top_p 0.1 keeps every first token in the
+    nucleus, and rows without overrides still sample at the run's temperature."""
+    from specfed_flwr.sampling import SamplingSettings, warped_probs
+
+    target, draft, prompts, oracle = setup
+    config = SpecFedConfig(top_k=4, draft_length=4, max_new_tokens=NEW, max_k=VOCAB, temperature=1.5, seed=3)
+    n = 60
+    batch = [prompts[0]] + [prompts[1]] * n + [prompts[1]] * n
+    options = [{"temperature": 0.0}] + [{"top_p": 0.1}] * n + [{}] * n
+    result = InProcessEngine(target, [draft], config, eos_token_ids=[]).generate(batch, options=options)
+    assert result.sequences[0].token_ids == oracle[0]
+    with torch.inference_mode():
+        logits = target(torch.tensor([prompts[1]])).logits[0, -1:]
+    nucleus = set(torch.nonzero(warped_probs(logits, SamplingSettings(temperature=1.5, top_p=0.1))[0]).flatten().tolist())
+    assert len(nucleus) < VOCAB // 4
+    assert {s.token_ids[0] for s in result.sequences[1 : n + 1]} <= nucleus
+    assert not {s.token_ids[0] for s in result.sequences[n + 1 :]} <= nucleus  # the run's own law is wider
+
+
+def test_a_sampling_prompt_in_a_greedy_run_is_refused(setup):
+    target, draft, prompts, _ = setup
+    engine = InProcessEngine(target, [draft], SpecFedConfig(max_k=VOCAB, temperature=0.0), eos_token_ids=[])
+    with pytest.raises(ValueError, match="needs a sampling run"):
+        engine.generate(prompts[:1], options=[{"temperature": 0.8}])

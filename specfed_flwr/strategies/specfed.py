@@ -254,7 +254,8 @@ class SpecFedStrategy(Strategy):
                 ids = encode_prompt(self.tokenizer, prompt, cfg.chat_template)
                 own = dict((options or {}).get(index, {}))
                 coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None,
-                                   max_new_tokens=own.get("max_new_tokens"), stop=own.get("stop"))
+                                   max_new_tokens=own.get("max_new_tokens"), stop=own.get("stop"),
+                                   temperature=own.get("temperature"), top_p=own.get("top_p"))
             except (ValueError, TypeError) as exc:  # one bad prompt must not end the run
                 refused[index] = str(exc)
                 log(WARNING, "prompt %d refused: %s", index, exc)
