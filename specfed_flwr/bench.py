@@ -484,13 +484,15 @@ def run_inprocess(pair: Pair, prompts: list[list[int]], cfg, clients: int, *, ba
     from .target import TargetVerifier
 
     if batched_draft:
-        engine = InProcessEngine(pair.target, [pair.draft] * clients, cfg, tokenizer=None, eos_token_ids=pair.eos)
+        engine = InProcessEngine(pair.target, [pair.draft] * clients, cfg, tokenizer=None, eos_token_ids=pair.eos,
+                                 vocab_size=pair.vocab_size)
     else:
         drafters = {f"drafter-{i}": DraftClient(HFDraftProposer(pair.draft, vocab_size=pair.vocab_size, batched=False),
                                                 max_k=cfg.max_k, max_gamma=cfg.max_gamma) for i in range(clients)}
-        engine = InProcessEngine(pair.target, [], cfg, tokenizer=None, eos_token_ids=pair.eos, clients=drafters)
+        engine = InProcessEngine(pair.target, [], cfg, tokenizer=None, eos_token_ids=pair.eos, clients=drafters,
+                                 vocab_size=pair.vocab_size)
     if not batched:
-        engine.target = TargetVerifier(pair.target, batched=False)
+        engine.target = TargetVerifier(pair.target, vocab_size=pair.vocab_size, batched=False)
     with Probe() as probe:
         result = engine.generate(prompts)
     outputs = [s.token_ids for s in result.sequences]

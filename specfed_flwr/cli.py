@@ -148,21 +148,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from specfed_flwr.inprocess import InProcessEngine
     from specfed_flwr.tokens import default_eos_ids
-    from specfed_flwr.prompts import load_prompts
+    from specfed_flwr.prompts import load_prompts, prompt_options
     from specfed_flwr.report import summary_table
     from specfed_flwr.specs import load_draft_spec, load_target_spec
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         prompts = args.prompt or load_prompts(cfg.prompts)
+        options = None if args.prompt else prompt_options(cfg.prompts)
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    target = load_target_spec(cfg.target, cfg.device)
+    target = load_target_spec(cfg.target, cfg.device, cfg.target_dtype, cfg.target_device_map)
     draft = load_draft_spec(cfg.draft, cfg.draft_quantization)
+    from specfed_flwr.models import VocabularyMismatchError, check_vocab_compatible
+
+    try:  # at load, naming both models, rather than as faulty replies in every round
+        vocab = check_vocab_compatible((target.model, target.tokenizer), (draft.model, draft.tokenizer),
+                                       target_name=f"target {cfg.target!r}", draft_name=f"draft {cfg.draft!r}")
+    except VocabularyMismatchError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
     engine = InProcessEngine(target.model, [draft.model] * args.drafters, cfg, tokenizer=target.tokenizer,
-                             eos_token_ids=default_eos_ids(target.model, target.tokenizer))
-    result = engine.generate(prompts, on_round=lambda r: print(r.line(), file=sys.stderr))
+                             eos_token_ids=default_eos_ids(target.model, target.tokenizer), vocab_size=vocab)
+    result = engine.generate(prompts, options=options, on_round=lambda r: print(r.line(), file=sys.stderr))
     if args.json:
         print(json.dumps({"results": [s.as_record() for s in result.sequences], "summary": result.metrics}, indent=2, default=str))
     else:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from .protocol import DraftRequest
+from .sampling import SamplingSettings
 from .proposer import DraftProposer
 from .wire import DraftReply, payload_bytes
 
@@ -74,6 +75,8 @@ class DraftClient:
                 sampling=request.sampling,
                 seed=request.seed,
                 round_=request.round,
+                warp=SamplingSettings(top_k=request.top_k_sampling, top_p=request.top_p, min_p=request.min_p,
+                                      repetition_penalty=request.repetition_penalty),
             )
             elapsed = time.perf_counter() - start
             after = self.proposer.stats

@@ -26,6 +26,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "draft_sampling": ("sparse", "full"),
     "draft_selection": ("auto", "consensus", "pick", "vote"),
     "draft_quantization": ("int4", "int8", "none"),
+    "target_dtype": ("float32", "bfloat16", "float16"),
 }
 
 
@@ -40,6 +41,8 @@ class SpecFedConfig:
     draft: str = "default"
     draft_quantization: str = "int4"
     device: str = "auto"
+    target_dtype: str = "float32"
+    target_device_map: str = ""  # passed to from_pretrained (e.g. "auto"); "" = the whole target on ``device``
     # protocol
     mode: str = "collaborative"
     top_k: int = 8
@@ -51,6 +54,12 @@ class SpecFedConfig:
     draft_ahead: bool = True
     pipeline_depth: str = "auto"
     temperature: float = 0.0
+    # the target's sampler (exact mode keeps its law: the server warps the target's logits the same way)
+    top_p: float = 1.0
+    top_k_sampling: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: str = ""  # a stop string, or a JSON list of them ('["\\n\\n", "END"]'); "" = none
     seed: int = 0
     # workload
     max_new_tokens: int = 48
@@ -94,6 +103,10 @@ class SpecFedConfig:
             return "pick"  # paper-faithful: the client's own token against q_hat
         return "pick" if self.reconstruction == "exact" else "consensus"
 
+    def stop_strings(self) -> list[str]:
+        """``stop`` as a list: "" -> none, a JSON list of strings, else the one string."""
+        return parse_stop(self.stop, "stop")
+
     def depth(self) -> int | None:
         """``pipeline-depth`` as a number, or None for ``auto``."""
         return None if self.pipeline_depth == "auto" else int(self.pipeline_depth)
@@ -128,6 +141,15 @@ class SpecFedConfig:
             raise ConfigError(f"config key 'top-k': {self.top_k} exceeds max-k {self.max_k}")
         if self.temperature < 0:
             raise ConfigError(f"config key 'temperature': must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"config key 'top-p': must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.top_k_sampling < 0:
+            raise ConfigError(f"config key 'top-k-sampling': must be >= 0 (0 = off), got {self.top_k_sampling}")
+        if not 0 <= self.min_p < 1:
+            raise ConfigError(f"config key 'min-p': must be in [0, 1) (0 = off), got {self.min_p}")
+        self.stop_strings()
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"config key 'repetition-penalty': must be > 0 (1 = off), got {self.repetition_penalty}")
         if not 0 < self.weight_ema <= 1:
             raise ConfigError(f"config key 'weight-ema': must be in (0, 1], got {self.weight_ema}")
         if self.weight_sharpness <= 0:
@@ -143,12 +165,35 @@ class SpecFedConfig:
             if not 1 <= depth <= MAX_PIPELINE_DEPTH or str(depth) != str(self.pipeline_depth).strip():
                 raise ConfigError(f"config key 'pipeline-depth': 'auto' or an integer in 1..{MAX_PIPELINE_DEPTH}, "
                                   f"got {self.pipeline_depth!r}")
+        if self.target_device_map and self.target_device_map not in ("auto", "balanced", "balanced_low_0",
+                                                                      "sequential", "cpu") \
+                and not self.target_device_map.startswith("cuda"):
+            raise ConfigError(f"config key 'target-device-map': {self.target_device_map!r} is not '' (none), auto, "
+                              "balanced, balanced_low_0, sequential, cpu or cuda[:N]")
         if self.rtt_ms < 0:
             raise ConfigError(f"config key 'rtt-ms': must be >= 0, got {self.rtt_ms}")
         return self
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_stop(value: Any, key: str) -> list[str]:
+    """Stop strings from a config value or a prompt record: "" / None -> [], a string, a JSON list
+    string, or a list of non-empty strings. Raises ConfigError naming ``key``."""
+    import json
+
+    if value is None or value == "":
+        return []
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"config key '{key}': not a JSON list of strings: {value!r}") from None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise ConfigError(f"config key '{key}': expected a non-empty string or a list of them, got {value!r}")
+    return list(items)
 
 
 def _kebab(name: str) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -33,6 +33,7 @@ from .reconstruction import reconstruct_sparse
 from .sparse import SparseQ, zeros as sparse_zeros
 from .target import TargetVerifier
 from .theory import AdaptiveController, ControllerConfig, LinkProfile
+from .sampling import SamplingSettings, path_seen, penalize, warped_probs
 from .verification import VerificationResult, verify_greedy, verify_sampling
 from .wire import DraftReply, full_distribution_bytes, payload_bytes
 
@@ -95,6 +96,8 @@ class _Sequence:
     accepted: int = 0
     alpha_sum: float = 0.0
     alpha_n: int = 0
+    stop: tuple[str, ...] = ()  # stop strings of this sequence (run's ``stop`` or its prompt's own)
+    sampling: SamplingSettings | None = None  # this prompt's own temperature / top-p (None: the run's)
 
     @property
     def committed(self) -> list[int]:
@@ -239,8 +242,12 @@ class Coordinator:
         *,
         eos_token_ids: Iterable[int] = (),
         client_settings: dict[str, tuple[int, int]] | None = None,
+        tokenizer: Any = None,
     ):
+        """``tokenizer`` decodes the output for stop strings (``stop``); without one, a run or
+        prompt with stop strings is refused at submit."""
         self.target = target
+        self.tokenizer = tokenizer
         self.config = config
         self.vocab_size = target.vocab_size
         self.eos_token_ids = {int(t) for t in eos_token_ids}
@@ -306,8 +313,33 @@ class Coordinator:
         max_new_tokens: int | None = None,
         owner: str | None = None,
         prompt: str | None = None,
+        stop: Sequence[str] | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
     ) -> int:
+        """Queue a prompt; ``max_new_tokens``, ``stop``, ``temperature`` and ``top_p`` override the
+        run's for this sequence.
+
+        A per-prompt temperature / top-p changes only the law the server verifies this row against
+        (exact whatever the devices drafted from). Temperature 0 in a sampling run is greedy as a
+        point mass on the argmax (top-k 1). A sampling prompt in a greedy run is refused: greedy
+        runs draft and select greedily, which is not a sample of what is sent."""
+        sampling = None
+        if temperature is not None or top_p is not None:
+            if self.config.greedy and temperature is not None and float(temperature) > 0:
+                raise ValueError("a per-prompt temperature > 0 needs a sampling run (run-config temperature > 0)")
+            base = SamplingSettings.from_config(self.config)
+            t = base.temperature if temperature is None else float(temperature)
+            p = base.top_p if top_p is None else float(top_p)
+            if not (t >= 0 and 0 < p <= 1):
+                raise ValueError(f"per-prompt temperature must be >= 0 and top_p in (0, 1], got {t}, {p}")
+            sampling = replace(base, temperature=t if t > 0 else 1.0, top_p=p, top_k=1 if t == 0 else base.top_k)
         prompt_ids = [int(t) for t in prompt_ids]
+        stops = tuple(self.config.stop_strings() if stop is None else [str(s) for s in stop])
+        if any(not s for s in stops):
+            raise ValueError("a stop string must not be empty")
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need the target's tokenizer to decode the output (this target has none)")
         if not prompt_ids:
             raise ValueError("a prompt must have at least one token")
         if len(prompt_ids) > self.config.max_prompt_tokens:
@@ -329,6 +361,8 @@ class Coordinator:
                 max_new_tokens=budget,
                 owner=owner,
                 prompt=prompt,
+                stop=stops,
+                sampling=sampling,
             )
         )
         return seq_id
@@ -508,6 +542,10 @@ class Coordinator:
                 seed=self.config.seed,
                 round=self.round,
                 release=release,
+                top_k_sampling=self.config.top_k_sampling,
+                top_p=self.config.top_p,
+                min_p=self.config.min_p,
+                repetition_penalty=self.config.repetition_penalty,
             )
         plan = RoundPlan(round=self.round, cohort=cohort, seq_ids=[s.seq_id for s in seqs], requests=requests,
                          committed={s.seq_id: len(s.committed) for s in seqs})
@@ -736,18 +774,33 @@ class Coordinator:
 
     def _score(self, seqs: list[_Sequence], path: DraftPath) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """ONE target forward over every sequence's path: the logits [B, G+1, V], in sampling
-        mode also the probabilities at the sampling temperature [B, G+1, V] (None in greedy
-        mode, which needs only the argmax), and the seconds the forward took."""
+        mode also the target's sampling law [B, G+1, V] (None in greedy mode, which needs only
+        the argmax), and the seconds the forward took.
+
+        The law is the target's own sampler under the run's settings (``sampling.warp``:
+        repetition penalty per position from the row's committed tokens + path prefix, then
+        temperature, top-k-sampling, top-p, min-p), so the accept test keeps exactly that law.
+        Greedy applies only the repetition penalty, like ``generate(do_sample=False)``."""
         g = path.tokens.shape[1]
         paths = [path.tokens[i, : int(path.lengths[i])].tolist() for i in range(len(seqs))]
         verify_started = time.perf_counter()
         logits = self.target.score_batch([s.seq_id for s in seqs], paths)  # [B, G'+1, V], G' = longest path
         verify_seconds = time.perf_counter() - verify_started
         logits = logits[:, : g + 1]  # [B, G+1, V] (a wrapped scorer may pad wider)
+        settings = SamplingSettings.from_config(self.config)
+        seen = None
+        if settings.penalizes:
+            seen = path_seen([s.committed for s in seqs], path.tokens, path.lengths, logits.shape[-1])  # [B, G+1, V]
         if self.config.greedy:
-            return logits, None, verify_seconds
-        temperature = self.config.temperature
-        probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # [B, G+1, V]
+            return (penalize(logits, seen, settings.repetition_penalty) if seen is not None else logits), None, verify_seconds
+        if any(s.sampling is not None for s in seqs):  # some rows have their own temperature / top-p
+            probs = torch.stack([warped_probs(logits[i], s.sampling or settings, None if seen is None else seen[i])
+                                 for i, s in enumerate(seqs)])  # [B, G+1, V]
+        elif not settings.truncates and seen is None:
+            temperature = settings.temperature
+            probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # [B, G+1, V]
+        else:
+            probs = warped_probs(logits, settings, seen)  # [B, G+1, V]
         return logits, probs, verify_seconds
 
     def _verify(self, logits: torch.Tensor, probs: torch.Tensor | None, path: DraftPath) -> VerificationResult:
@@ -816,12 +869,24 @@ class Coordinator:
                 if tok in self.eos_token_ids:
                     reason = "eos"
                     break
+                if seq.stop and self._stopped(seq):
+                    reason = "stop"
+                    break
             if reason is None and seq.remaining <= 0:
                 reason = "length"
                 self.hit_limit("max_new_tokens", f"sequence {seq.index} stopped at {seq.max_new_tokens} new tokens")
             if reason is not None:
                 finished.append(self._finish(seq, reason))
         return emitted, finished
+
+    def _stopped(self, seq: _Sequence) -> bool:
+        """Whether the output now contains one of the sequence's stop strings (checked after every
+        token, so the output ends with the token that completes it, as generate's ``stop_strings``).
+        Only the tail that can hold a new match is decoded."""
+        longest = max(len(s) for s in seq.stop)
+        tail = seq.generated[-(longest + 8):]  # a token decodes to >= 1 character (+ slack for merges)
+        text = self.tokenizer.decode(tail, skip_special_tokens=False)
+        return any(s in text for s in seq.stop)
 
     def _finish(self, seq: _Sequence, reason: str) -> SequenceResult:
         del self._active[seq.seq_id]

@@ -273,12 +273,17 @@ class InProcessEngine:
         eos_token_ids: Iterable[int] | None = None,
         clients: dict[str, DraftClient] | None = None,
         transport: Any = None,
+        vocab_size: int | None = None,
     ):
+        """``vocab_size``: the shared token ids (default: the tokenizer's, capped by the target's
+        output rows; without a tokenizer every output row). Padding rows of either model's head
+        beyond it are kept out of every distribution."""
+        from .models import token_vocab_size
         from .proposer import HFDraftProposer
 
         self.config = config or SpecFedConfig()
         self.tokenizer = tokenizer
-        self.target = TargetVerifier(target_model)
+        self.target = TargetVerifier(target_model, vocab_size=vocab_size or token_vocab_size(target_model, tokenizer))
         self.clients: dict[str, DraftClient] = dict(clients or {})
         for i, model in enumerate(draft_models):
             self.clients[f"drafter-{i}"] = DraftClient(
@@ -299,13 +304,18 @@ class InProcessEngine:
         max_new_tokens: int | None = None,
         owners: Sequence[str] | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
+        options: Sequence[Mapping[str, Any]] | None = None,
     ) -> GenerationResult:
-        coordinator = Coordinator(self.target, self.config, eos_token_ids=self.eos_token_ids)
+        """``options[i]``: prompt i's overrides (``max_new_tokens``, ``stop``; see ``prompts.prompt_options``)."""
+        coordinator = Coordinator(self.target, self.config, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
         for i, prompt in enumerate(prompts):
             text = prompt if isinstance(prompt, str) else None
             ids = encode_prompt(self.tokenizer, prompt, self.config.chat_template)
+            own = dict(options[i]) if options else {}
             coordinator.submit(
-                ids, index=i, max_new_tokens=max_new_tokens, owner=owners[i] if owners else None, prompt=text
+                ids, index=i, max_new_tokens=own.get("max_new_tokens", max_new_tokens),
+                owner=owners[i] if owners else None, prompt=text, stop=own.get("stop"),
+                temperature=own.get("temperature"), top_p=own.get("top_p"),
             )
         transport = self.transport or ThreadTransport(self.clients)
         if self.transport is not None and hasattr(transport, "reset"):

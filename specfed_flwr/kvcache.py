@@ -28,14 +28,74 @@ import torch
 
 
 def crop_cache(cache, current_len: int, keep: int) -> int:
-    """Drop cached positions past ``keep``; returns the new length.
+    """Drop cached positions past ``keep`` of a croppable cache; returns the new length.
 
-    transformers 5.x only crops by a negative count (``crop(-n)`` removes the last n).
+    transformers 5.x only crops by a negative count (``crop(-n)`` removes the last n). Callers
+    that may hold a cache which cannot be cropped use ``rollback_cache``.
     """
     if cache is not None and current_len > keep:
         cache.crop(-(current_len - keep))
         return keep
     return current_len
+
+
+def cache_is_croppable(cache) -> bool:
+    """Whether ``cache.crop`` rolls back exactly: every layer keeps all its past keys/values.
+
+    A sliding-window layer that forgot the positions before its window, or a linear-attention /
+    SSM state that summarises the past, cannot be rolled back (transformers raises, or would
+    silently keep the rejected tokens in the state).
+    """
+    if cache is None:
+        return True
+    from transformers.cache_utils import DummyLayer, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return False
+    return all(type(layer) is DynamicLayer or type(layer) is DummyLayer or type(layer) is _padded_layer_class()
+               for layer in layers)
+
+
+def rollback_cache(cache, current_len: int, keep: int):
+    """Keep the first ``keep`` cached positions exactly; returns (cache, new length).
+
+    A croppable cache is cropped. Otherwise the cache is dropped (``(None, 0)``): the caller's next
+    forward re-prefills the kept prefix, which recomputes exactly what the cache held (the cost is
+    one forward over the prefix, paid only by models whose cache keeps no full past).
+    """
+    if cache is None or current_len <= keep:
+        return cache, current_len
+    if cache_is_croppable(cache):
+        cache.crop(-(current_len - keep))
+        return cache, keep
+    return None, 0
+
+
+def new_cache(model: torch.nn.Module):
+    """The empty KV cache this project gives ``model``'s first forward (``None``: let the model build its own).
+
+    For attention-only models (full, sliding-window or chunked layers) this is a config-less
+    ``DynamicCache``: every layer a plain ``DynamicLayer`` that keeps ALL past keys/values, so it
+    can be cropped exactly after a rejection. The sliding window is still applied: transformers
+    builds the sliding/chunked attention mask from the config and the absolute positions, not from
+    what the cache kept, so the model computes exactly what it computes with its own windowed
+    cache (``generate``), keeping at most the window more keys per layer in memory.
+    Models with recurrent / linear-attention state get ``None`` (their own cache; rolled back by
+    re-prefill, see ``rollback_cache``).
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    try:
+        probe = DynamicCache(config=config)
+    except Exception:  # noqa: BLE001 - an exotic config: the model's own default cache
+        return None
+    if probe.layers and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in probe.layers):
+        return DynamicCache()
+    return None
 
 
 # --------------------------------------------------------------------------- model calls
@@ -58,9 +118,37 @@ def returned_cache(output):
 
 
 def forward_with_cache(model: torch.nn.Module, cache, **inputs):
-    """``model(**inputs)`` extending ``cache``; returns (output, the cache to keep)."""
+    """``model(**inputs)`` extending ``cache``; returns (output, the cache to keep).
+
+    A first forward (``cache`` None) gets ``new_cache(model)``, a cache that can be rolled back."""
+    if cache is None:
+        cache = new_cache(model)
     output = model(**inputs, use_cache=True, **{cache_argument(model): cache})
     return output, returned_cache(output)
+
+
+class UnsupportedModelError(ValueError):
+    """A model this project cannot draft or verify with; raised when it is loaded, never mid-run."""
+
+
+def check_supported(model: torch.nn.Module, role: str = "model") -> None:
+    """Refuse, at load, a model whose forward cannot run speculative rounds.
+
+    Needed: a decoder-only causal LM whose forward takes ``input_ids`` and a KV cache. Any
+    cache is accepted -- one that cannot be cropped is rolled back by re-prefill (see
+    ``rollback_cache``) -- so this refuses only what would fail in the first round anyway.
+    """
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{role} {name} is an encoder-decoder model; speculative decoding here needs a "
+                                    "decoder-only causal LM (AutoModelForCausalLM)")
+    params = _forward_parameters(type(model))
+    if params and "input_ids" not in params:
+        raise UnsupportedModelError(f"{role} {name}: its forward takes no input_ids")
+    if params and not {"cache", "past_key_values"} & params and "kwargs" not in params:
+        raise UnsupportedModelError(f"{role} {name}: its forward takes no KV cache (cache / past_key_values), so "
+                                    "every draft step would recompute the whole sequence")
 
 
 # --------------------------------------------------------------------------- batching

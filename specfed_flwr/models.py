@@ -577,22 +577,36 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     return {"vocab_size": int(len(tokenizer)), "vocab_sha256": digest.hexdigest()}
 
 
+def token_vocab_size(model: Any, tokenizer: Any = None) -> int:
+    """How many token ids this model's distributions cover: the tokenizer's ids, capped by the model's
+    output rows.
+
+    Checkpoints often pad the embedding/head matrix past the tokenizer (Qwen2.5 0.5B has 151936
+    rows, 7B 152064, both for the same 151665-id tokenizer): the padding rows are no token, so they
+    are kept out of every distribution (draft and target), the wire and the server. Without a
+    tokenizer (tiny test models) every output row is a token.
+    """
+    rows = _vocab_size_of(model) if model is not None else None
+    if tokenizer is None:
+        if rows is None:
+            raise TypeError("token_vocab_size needs a model or a tokenizer")
+        return int(rows)
+    n = int(len(tokenizer))
+    return n if rows is None else min(n, int(rows))
+
+
 def check_vocab_compatible(target_model_or_tok: Any, draft_model_or_tok: Any, *, target_name: str = "target",
                            draft_name: str = "draft") -> int:
     """Refuse a pair whose token ids would not mean the same thing; returns the shared vocabulary size.
 
-    Each side may be a model, a tokenizer, or a ``(model, tokenizer)`` tuple. Model sides are
-    compared by output vocabulary size; tokenizer sides by size and by their (token, id) tables.
+    Each side may be a model, a tokenizer, or a ``(model, tokenizer)`` tuple. When both sides have
+    a tokenizer, the tokenizers decide: same (token, id) table, else refused naming both. The
+    models' padded output sizes may then differ (see ``token_vocab_size``); the shared vocabulary
+    is the target's token ids, and the draft must have an output row for each. Without both
+    tokenizers nothing shows which rows are padding, so the output sizes must be equal.
     """
     t_model, t_tok = _split(target_model_or_tok)
     d_model, d_tok = _split(draft_model_or_tok)
-    t_size = _vocab_size_of(t_model if t_model is not None else t_tok)
-    d_size = _vocab_size_of(d_model if d_model is not None else d_tok)
-    if t_size != d_size:
-        raise VocabularyMismatchError(
-            f"vocabulary mismatch: {target_name} has {t_size} tokens but {draft_name} has {d_size}; the draft must "
-            "share the target's tokenizer (same vocabulary size and token ids)"
-        )
     if t_tok is not None and d_tok is not None:
         t_fp, d_fp = tokenizer_fingerprint(t_tok), tokenizer_fingerprint(d_tok)
         if t_fp != d_fp:
@@ -601,6 +615,21 @@ def check_vocab_compatible(target_model_or_tok: Any, draft_model_or_tok: Any, *,
                 f"{t_fp['vocab_sha256'][:12]}) but {draft_name} has {d_fp['vocab_size']} (vocab sha256 "
                 f"{d_fp['vocab_sha256'][:12]}); the token ids would not mean the same"
             )
+        shared = token_vocab_size(t_model, t_tok)
+        if d_model is not None and _vocab_size_of(d_model) < shared:
+            raise VocabularyMismatchError(
+                f"vocabulary mismatch: {target_name} scores {shared} token ids but {draft_name} has only "
+                f"{_vocab_size_of(d_model)} output rows; the draft cannot propose every token"
+            )
+        return int(shared)
+    t_size = _vocab_size_of(t_model if t_model is not None else t_tok)
+    d_size = _vocab_size_of(d_model if d_model is not None else d_tok)
+    if t_size != d_size:
+        raise VocabularyMismatchError(
+            f"vocabulary mismatch: {target_name} has {t_size} tokens but {draft_name} has {d_size}; the draft must "
+            "share the target's tokenizer (same vocabulary size and token ids; give both tokenizers to accept "
+            "embedding matrices padded to different sizes)"
+        )
     return int(t_size)
 
 
@@ -618,11 +647,16 @@ def _resolve_source(name_or_path: str) -> tuple[str, str]:
     return str(name_or_path), str(name_or_path)
 
 
-def _load_float(name_or_path: str, dtype: torch.dtype) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase", str]:
+def _load_float(name_or_path: str, dtype: torch.dtype, device_map: str | None = None
+                ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase", str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, label = _resolve_source(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    extra = {"device_map": device_map} if device_map else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    from .kvcache import check_supported
+
+    check_supported(model, str(name_or_path))  # refused here, at load, rather than in the first round
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model.eval(), tokenizer, label
 
@@ -633,14 +667,33 @@ def _annotate(model: nn.Module, **info: Any) -> None:
     model.specfed_info = existing
 
 
-def load_target(name_or_path: str = DEFAULT_NAME, device: str = "auto", dtype: torch.dtype = torch.float32):
-    """The target model (float, default fp32) on ``resolve_device(device)``, with its tokenizer."""
+TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def target_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``target-dtype`` (float32 | bfloat16 | float16) as a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return TARGET_DTYPES[str(name).strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown target dtype {name!r}: expected one of {', '.join(TARGET_DTYPES)}") from None
+
+
+def load_target(name_or_path: str = DEFAULT_NAME, device: str = "auto", dtype: torch.dtype | str = torch.float32,
+                device_map: str | None = None):
+    """The target model in ``dtype`` (default fp32) with its tokenizer: on ``resolve_device(device)``,
+    or placed by accelerate when ``device_map`` is given (e.g. ``auto``: split over several GPUs)."""
     started = time.perf_counter()
-    target_device = resolve_device(device)
-    model, tokenizer, label = _load_float(name_or_path, dtype)
-    model.to(target_device)
+    dtype = target_dtype(dtype)
+    model, tokenizer, label = _load_float(name_or_path, dtype, device_map or None)
+    if device_map:
+        target_device = next(model.parameters()).device  # where the inputs go (the embedding's device)
+    else:
+        target_device = resolve_device(device)
+        model.to(target_device)
     _annotate(model, name=str(name_or_path), source=label, dtype=str(dtype).replace("torch.", ""),
-              device=str(target_device), quantization="none", parameter_bytes=model_nbytes(model),
+              device=str(target_device), device_map=str(device_map or ""), quantization="none", parameter_bytes=model_nbytes(model),
               load_seconds=round(time.perf_counter() - started, 3))
     return model, tokenizer
 
@@ -722,6 +775,73 @@ def tiny_llama(seed: int = 0, vocab_size: int = 1024, hidden_size: int = 64, num
         model = LlamaForCausalLM(config)
     finally:
         torch.random.set_rng_state(generator_state)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    model.generation_config.bos_token_id = None
+    return model.to(torch.float32).eval()
+
+
+# The decoder architectures the test matrix covers, with tiny shapes. ``window`` is the sliding
+# window of the architectures that have one (every layer for Mistral / Phi-3, alternating for
+# Gemma 2/3, the upper layers for Qwen2), so tests can make prompts longer than it.
+TINY_ARCHITECTURES = ("llama", "gpt2", "gpt_neox", "qwen2", "qwen3", "gemma2", "gemma3", "mistral", "phi3")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 1024, *, hidden_size: int = 32,
+               num_layers: int = 2, num_heads: int = 2, window: int = 6, padded_vocab_size: int | None = None):
+    """A random fp32 causal LM of architecture ``arch`` (see ``TINY_ARCHITECTURES``), deterministic
+    from ``seed`` (global RNG untouched). ``padded_vocab_size`` gives the embedding matrix more rows
+    than the ``vocab_size`` real tokens use, as padded checkpoints do (e.g. Qwen2.5 0.5B vs 7B): the
+    padding rows are scaled copies of real rows, so they win the argmax: a pipeline that forgets to
+    drop them fails."""
+    import transformers as tf
+
+    rows = int(padded_vocab_size or vocab_size)
+    inter = 2 * hidden_size
+    head_dim = hidden_size // num_heads
+    common = dict(vocab_size=rows, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0,
+                  bos_token_id=None, eos_token_id=None)
+    llama_like = dict(hidden_size=hidden_size, intermediate_size=inter, num_hidden_layers=num_layers,
+                      num_attention_heads=num_heads, num_key_value_heads=num_heads, **common)
+    if arch == "llama":
+        config, cls = tf.LlamaConfig(**llama_like), tf.LlamaForCausalLM
+    elif arch == "gpt2":
+        config = tf.GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=512,
+                               vocab_size=rows, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+        cls = tf.GPT2LMHeadModel
+    elif arch == "gpt_neox":
+        config, cls = tf.GPTNeoXConfig(**llama_like), tf.GPTNeoXForCausalLM
+    elif arch == "qwen2":
+        config = tf.Qwen2Config(use_sliding_window=True, sliding_window=window, max_window_layers=1, **llama_like)
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "qwen3":
+        config, cls = tf.Qwen3Config(head_dim=head_dim, **llama_like), tf.Qwen3ForCausalLM
+    elif arch == "gemma2":
+        config = tf.Gemma2Config(head_dim=head_dim, sliding_window=window, query_pre_attn_scalar=head_dim,
+                                 layer_types=["sliding_attention", "full_attention"] * (num_layers // 2), **llama_like)
+        cls = tf.Gemma2ForCausalLM
+    elif arch == "gemma3":
+        config = tf.Gemma3TextConfig(head_dim=head_dim, sliding_window=window, query_pre_attn_scalar=head_dim,
+                                     layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
+                                     **llama_like)
+        cls = tf.Gemma3ForCausalLM
+    elif arch == "mistral":
+        config, cls = tf.MistralConfig(sliding_window=window, head_dim=head_dim, **llama_like), tf.MistralForCausalLM
+    elif arch == "phi3":
+        config, cls = tf.Phi3Config(sliding_window=window, **llama_like), tf.Phi3ForCausalLM
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}: expected one of {', '.join(TINY_ARCHITECTURES)}")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = cls(config)
+    finally:
+        torch.random.set_rng_state(state)
+    if rows > vocab_size:
+        with torch.no_grad():  # padding row j = 3 x real row j: beats every real logit whose max is > 0
+            head = model.get_output_embeddings()
+            extra = torch.arange(rows - vocab_size) % vocab_size
+            head.weight[vocab_size:] = 3.0 * head.weight[extra]
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     model.generation_config.bos_token_id = None

@@ -12,6 +12,53 @@ def default_prompt_records() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+#: per-prompt overrides a JSONL record may carry, and those refused (not per sequence yet)
+PROMPT_OPTIONS = ("max_new_tokens", "stop", "temperature", "top_p")
+UNSUPPORTED_PROMPT_OPTIONS = ("seed",)
+
+
+def prompt_options(spec: str) -> list[dict]:
+    """Per-prompt overrides of a ``.jsonl`` prompt file, one dict per prompt (``{}`` when none):
+    ``max_new_tokens`` (1..the run's max-new-tokens), ``stop`` (a string or a list of them),
+    ``temperature`` (>= 0; > 0 only in a sampling run) and ``top_p`` (in (0, 1]).
+
+    ``seed`` per prompt is refused with a clear message: the server samples every row from one
+    generator seeded per run, so a per-row seed would not reproduce a row on its own."""
+    from .config import ConfigError, parse_stop
+
+    if spec == "default" or Path(spec).suffix != ".jsonl":
+        return [{} for _ in load_prompts(spec)]
+    path = Path(spec).expanduser()
+    out = []
+    for n, line in enumerate([l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()], 1):
+        record = json.loads(line)
+        unsupported = [k for k in UNSUPPORTED_PROMPT_OPTIONS if k in record]
+        if unsupported:
+            raise ValueError(f"{path}:{n}: per-prompt {', '.join(unsupported)} not supported (set the run-config "
+                             "keys temperature / top-p / seed for the whole run)")
+        options = {}
+        if "max_new_tokens" in record:
+            value = record["max_new_tokens"]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{path}:{n}: max_new_tokens must be a positive integer, got {value!r}")
+            options["max_new_tokens"] = value
+        for key, low_ok in (("temperature", True), ("top_p", False)):
+            if key in record:
+                value = record[key]
+                good = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    value >= 0 if low_ok else 0 < value <= 1)
+                if not good:
+                    raise ValueError(f"{path}:{n}: {key} must be {'>= 0' if low_ok else 'in (0, 1]'}, got {value!r}")
+                options[key] = float(value)
+        if "stop" in record:
+            try:
+                options["stop"] = parse_stop(record["stop"], "stop")
+            except ConfigError as exc:
+                raise ValueError(f"{path}:{n}: {exc}") from None
+        out.append(options)
+    return out
+
+
 def load_prompts(spec: str) -> list[str] | list[list[int]]:
     """``default``, a ``.jsonl`` file of {"prompt": "..."} or {"prompt_ids": [token ids]}
     objects (ids: already tokenized, e.g. for models without a tokenizer), or a text file with

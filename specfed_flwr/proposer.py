@@ -44,14 +44,15 @@ from __future__ import annotations
 import abc
 import hashlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, crop_cache, forward_with_cache,
-                      supports_padded_batching)
+from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, check_supported, forward_with_cache,
+                      rollback_cache, supports_padded_batching)
+from .sampling import SamplingSettings, seen_mask, warped_probs
 from .wire import DraftReply, make_reply
 
 _FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
@@ -147,8 +148,10 @@ class DraftProposer(abc.ABC):
         sampling: str,
         seed: int = 0,
         round_: int = 0,
+        warp: "SamplingSettings | None" = None,
     ) -> DraftReply:
-        """Draft ``gammas[b]`` tokens after each sequence's committed prefix."""
+        """Draft ``gammas[b]`` tokens after each sequence's committed prefix; ``warp`` (temperature
+        aside) is the target's sampler, which proposers should apply to their own law too."""
 
     @abc.abstractmethod
     def forget(self, seq_id: int) -> None:
@@ -176,6 +179,7 @@ class _DraftKey:
     mode: str
     temperature: float
     seed: int
+    warp: SamplingSettings = SamplingSettings()  # top-k/top-p/min-p/repetition penalty (temperature: above)
 
 
 @dataclass
@@ -201,7 +205,7 @@ class _SequenceState:
         """Keep ``tokens[:length]`` (and the cache and top-Ks that belong to it)."""
         if len(self.tokens) > length:
             del self.tokens[length:]
-        self.cache_len = crop_cache(self.cache, self.cache_len, length)
+        self.cache, self.cache_len = rollback_cache(self.cache, self.cache_len, length)
         for pos in [p for p in self.dists if p >= length]:
             del self.dists[pos]
 
@@ -217,6 +221,7 @@ class HFDraftProposer(DraftProposer):
         *,
         batched: bool = True,
     ):
+        check_supported(model, "draft")
         self.model = model.eval()
         self.vocab_size = int(vocab_size or model.config.vocab_size)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -281,7 +286,7 @@ class HFDraftProposer(DraftProposer):
         self._states.pop(seq_id, None)
 
     # ---- drafting ------------------------------------------------------------------------
-    def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0) -> DraftReply:
+    def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0, warp=None) -> DraftReply:
         seq_ids = [int(s) for s in seq_ids]
         gammas = [int(g) for g in gammas]
         if len(gammas) != len(seq_ids):
@@ -289,7 +294,10 @@ class HFDraftProposer(DraftProposer):
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("a sequence appears twice in one request")
         k = min(int(k), self.vocab_size)
-        key = _DraftKey(k, "greedy" if temperature <= 0 else str(sampling), float(temperature), int(seed))
+        warp = replace(warp or SamplingSettings(), temperature=float(temperature) if temperature > 0 else 1.0)
+        if temperature <= 0:  # greedy: only the penalty changes the argmax (as in generate)
+            warp = SamplingSettings(repetition_penalty=warp.repetition_penalty)
+        key = _DraftKey(k, "greedy" if temperature <= 0 else str(sampling), float(temperature), int(seed), warp)
         states = []
         for seq_id in seq_ids:
             state = self._states.get(seq_id)
@@ -346,8 +354,15 @@ class HFDraftProposer(DraftProposer):
     def _sample(self, seq_ids: Sequence[int], states: Sequence[_SequenceState], logits: torch.Tensor) -> list[int]:
         """Sparsify one position of every row (``logits`` [R, V]), record it, append the drafted token."""
         key = states[0].key
-        scale = key.temperature if key.temperature > 0 else 1.0
-        q = torch.softmax(logits[:, : self.vocab_size].float() / scale, dim=-1).cpu()  # [R, V]
+        logits = logits[:, : self.vocab_size].float()  # [R, V]
+        if key.warp.truncates or key.warp.penalizes:
+            # the target's sampler on the draft's logits: the repetition penalty sees this row's
+            # sequence so far (prompt, committed tokens and the drafts before this position)
+            seen = seen_mask([st.tokens for st in states], self.vocab_size) if key.warp.penalizes else None
+            q = warped_probs(logits, key.warp, None if seen is None else seen.to(logits.device)).cpu()  # [R, V]
+        else:
+            scale = key.temperature if key.temperature > 0 else 1.0
+            q = torch.softmax(logits / scale, dim=-1).cpu()  # [R, V]
         uniforms = None
         if key.mode != "greedy":
             uniforms = torch.tensor([position_uniform(key.seed, s, len(st.tokens)) for s, st in zip(seq_ids, states)],
@@ -367,7 +382,7 @@ class HFDraftProposer(DraftProposer):
                 return j
             if state.cache_len >= len(state.tokens):
                 # every token is cached: recompute the last one to get its logits
-                state.cache_len = crop_cache(state.cache, state.cache_len, len(state.tokens) - 1)
+                state.cache, state.cache_len = rollback_cache(state.cache, state.cache_len, len(state.tokens) - 1)
             pending = torch.tensor([state.tokens[state.cache_len:]], dtype=torch.long, device=self.device)
             # only the last position's distribution is needed: skip the vocabulary-sized head elsewhere
             keep = {"logits_to_keep": 1} if pending.shape[1] > 1 and accepts_logits_to_keep(self.model) else {}
@@ -383,7 +398,7 @@ class HFDraftProposer(DraftProposer):
         """One batched forward per draft step for all ``states`` (every count >= 1)."""
         for state in states:
             if state.cache_len >= len(state.tokens):
-                state.cache_len = crop_cache(state.cache, state.cache_len, len(state.tokens) - 1)
+                state.cache, state.cache_len = rollback_cache(state.cache, state.cache_len, len(state.tokens) - 1)
         feed = [state.tokens[state.cache_len:] for state in states]
         batch = PaddedBatch(
             [state.cache for state in states],

@@ -33,6 +33,12 @@ class DraftRequest:
     sampling: str = "sparse"
     seed: int = 0
     round: int = 0
+    # the target's sampler settings, so devices draft from the same warped law (acceptance only:
+    # exactness never depends on what the devices draft from)
+    top_k_sampling: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     release: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # int64 [R]
 
     @classmethod
@@ -46,6 +52,10 @@ class DraftRequest:
         seed: int,
         round: int,
         release: list[int] | None = None,
+        top_k_sampling: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
     ) -> "DraftRequest":
         """From ``(seq_id, start, delta, gamma)`` tuples."""
         offsets = np.zeros(len(entries) + 1, dtype=np.int64)
@@ -64,6 +74,10 @@ class DraftRequest:
             seed=int(seed),
             round=int(round),
             release=np.array(release or [], dtype=np.int64),
+            top_k_sampling=int(top_k_sampling),
+            top_p=float(top_p),
+            min_p=float(min_p),
+            repetition_penalty=float(repetition_penalty),
         )
 
     def delta(self, b: int) -> np.ndarray:
@@ -86,6 +100,10 @@ class DraftRequest:
             "sampling": self.sampling,
             "seed": self.seed,
             "round": self.round,
+            "top-k-sampling": self.top_k_sampling,
+            "top-p": self.top_p,
+            "min-p": self.min_p,
+            "repetition-penalty": self.repetition_penalty,
         }
 
     def nbytes(self) -> int:
@@ -107,6 +125,10 @@ class DraftRequest:
                 sampling=str(config["sampling"]),
                 seed=int(config["seed"]),
                 round=int(config.get("round", 0)),
+                top_k_sampling=int(config.get("top-k-sampling", 0)),
+                top_p=float(config.get("top-p", 1.0)),
+                min_p=float(config.get("min-p", 0.0)),
+                repetition_penalty=float(config.get("repetition-penalty", 1.0)),
             )
         except KeyError as exc:
             raise ProtocolError(f"draft request is missing {exc.args[0]!r}") from None
@@ -130,6 +152,10 @@ class DraftRequest:
             raise ProtocolError(f"draft request sampling mode {self.sampling!r} is not one of {SAMPLING_MODES}")
         if self.temperature < 0 or not np.isfinite(self.temperature):
             raise ProtocolError(f"draft request temperature {self.temperature} must be >= 0")
+        if self.top_k_sampling < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 \
+                or not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
+            raise ProtocolError(f"draft request sampler settings out of range: top-k-sampling {self.top_k_sampling}, "
+                                f"top-p {self.top_p}, min-p {self.min_p}, repetition-penalty {self.repetition_penalty}")
         if vocab_size is not None and self.delta_tokens.size and (
             self.delta_tokens.min() < 0 or self.delta_tokens.max() >= vocab_size
         ):

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 
 from .config import SpecFedConfig, load_config
 from .tokens import default_eos_ids
-from .prompts import load_prompts
+from .prompts import load_prompts, prompt_options
 from .report import summary_table
 from .results import ResultsWriter
 from .specs import load_target_spec
@@ -29,6 +29,7 @@ def serve(
     """Prompts are texts (encoded with the target's tokenizer) or token-id lists."""
     cfg = run_config if isinstance(run_config, SpecFedConfig) else load_config(run_config)
     prompt_list = prompts if prompts is not None else load_prompts(cfg.prompts)
+    options = prompt_options(cfg.prompts) if prompts is None else [{} for _ in prompt_list]
     writer = ResultsWriter(cfg.results, resume=cfg.resume)
     todo = [(i, p) for i, p in enumerate(prompt_list) if not writer.is_done(i, p)]
     if len(todo) < len(prompt_list):
@@ -40,8 +41,13 @@ def serve(
         return SpecFedResult(sequences=[], summary={"sequences": 0, "already_done": len(prompt_list)},
                              rounds=[], nodes={}, excluded={})
     started = time.perf_counter()
-    loaded = load_target_spec(cfg.target, cfg.device)
-    verifier = TargetVerifier(loaded.model)
+    loaded = load_target_spec(cfg.target, cfg.device, cfg.target_dtype, cfg.target_device_map)
+    verifier = TargetVerifier(loaded.model, vocab_size=loaded.vocab_size)
+    if loaded.tokenizer is None and (cfg.stop_strings() or any(o.get("stop") for o in options)):
+        # fail once, at start, rather than refusing every prompt in turn
+        from .config import ConfigError
+
+        raise ConfigError(f"config key 'stop': stop strings need the target's tokenizer; target {cfg.target!r} has none")
     log(INFO, "target %s on %s loaded in %.1f s", loaded.identity, verifier.device, time.perf_counter() - started)
     fingerprint = None
     if loaded.tokenizer is not None:
@@ -56,7 +62,8 @@ def serve(
         tokenizer_fingerprint=fingerprint,
         on_finished=writer.write,
     )
-    result = strategy.generate(grid, [p for _, p in todo], indices=[i for i, _ in todo])
+    result = strategy.generate(grid, [p for _, p in todo], indices=[i for i, _ in todo],
+                               options={i: options[i] for i, _ in todo})
     result.summary["results_file"] = str(Path(cfg.results).resolve())
     result.summary["target_device"] = str(verifier.device)
     result.summary["config"] = cfg.as_dict()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .models import resolve_device, tiny_llama
+from .models import resolve_device, tiny_llama, token_vocab_size
 
 __all__ = ["LoadedModel", "load_draft_spec", "load_target_spec", "tiny_llama"]
 
@@ -23,7 +23,7 @@ class LoadedModel:
     tokenizer: Any  # None for tiny models
     identity: str
     load_seconds: float
-    vocab_size: int
+    vocab_size: int  # token ids its distributions cover (padding rows of the head excluded)
 
 
 def _tiny(spec: str) -> LoadedModel:
@@ -38,16 +38,20 @@ def _tiny(spec: str) -> LoadedModel:
     return LoadedModel(model, None, spec, time.perf_counter() - started, vocab)
 
 
-def load_target_spec(spec: str, device: str = "auto") -> LoadedModel:
+def load_target_spec(spec: str, device: str = "auto", dtype: str = "float32", device_map: str = "") -> LoadedModel:
+    """The target of a run: ``target``, ``device``, ``target-dtype`` and ``target-device-map``."""
+    from .models import load_target, target_dtype
+
+    torch_dtype = target_dtype(dtype)
     if spec.startswith("tiny"):
         loaded = _tiny(spec)
-        loaded.model.to(resolve_device(device))
+        loaded.model.to(device=resolve_device(device), dtype=torch_dtype)
         return loaded
-    from .models import load_target
-
     started = time.perf_counter()
-    model, tokenizer = load_target(spec, device=device)
-    return LoadedModel(model, tokenizer, f"{spec} (fp32)", time.perf_counter() - started, int(model.config.vocab_size))
+    model, tokenizer = load_target(spec, device=device, dtype=torch_dtype, device_map=device_map or None)
+    label = str(torch_dtype).replace("torch.", "") + (f", device_map={device_map}" if device_map else "")
+    return LoadedModel(model, tokenizer, f"{spec} ({label})", time.perf_counter() - started,
+                       token_vocab_size(model, tokenizer))
 
 
 def load_draft_spec(spec: str, quantization: str = "int4", device: str = "cpu") -> LoadedModel:
@@ -57,4 +61,5 @@ def load_draft_spec(spec: str, quantization: str = "int4", device: str = "cpu") 
 
     started = time.perf_counter()
     model, tokenizer = load_draft(spec, quantization=quantization, device=device)
-    return LoadedModel(model, tokenizer, f"{spec} ({quantization})", time.perf_counter() - started, int(model.config.vocab_size))
+    return LoadedModel(model, tokenizer, f"{spec} ({quantization})", time.perf_counter() - started,
+                       token_vocab_size(model, tokenizer))

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, crop_cache, forward_with_cache,
-                      supports_padded_batching)
+from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, check_supported, forward_with_cache,
+                      rollback_cache, supports_padded_batching)
 
 
 @dataclass
@@ -41,6 +41,7 @@ class TargetVerifier:
         *,
         batched: bool = True,
     ):
+        check_supported(model, "target")
         self.model = model.eval()
         self.batched = bool(batched) and supports_padded_batching(model)
         self.vocab_size = int(vocab_size or model.config.vocab_size)
@@ -131,7 +132,7 @@ class TargetVerifier:
         seq = self._seqs[seq_id]
         accepted = seq.scored_path[:num_accepted]
         keep = len(seq.tokens) + len(accepted)
-        seq.cache_len = crop_cache(seq.cache, seq.cache_len, keep)
+        seq.cache, seq.cache_len = rollback_cache(seq.cache, seq.cache_len, keep)
         seq.tokens.extend(accepted)
         seq.tokens.append(int(new_token))
         seq.scored_path = []

@@ -126,3 +126,56 @@ def test_the_cached_conversion_is_reused(offline):
     assert (first / "generation_config.json").is_file()
     config = json.loads((first / "config.json").read_text())
     assert "quantization_config" not in config and config["vocab_size"] == 49152
+
+
+BF16_PROMPTS = 10
+BF16_NEW_TOKENS = 24
+
+
+def test_bfloat16_target_greedy_matches_its_own_generate(offline):
+    """``target-dtype=bfloat16`` on CPU runs the default pair; its greedy output is compared with
+    the bf16 target's own ``generate`` on the first 10 shipped prompts, and EVERY divergence must be
+    a near-tie: at the first differing position the bf16 target's top two logits (as ``generate``
+    computes them) are within a few bf16 rounding steps, which the batched multi-token verify
+    forward, rounding differently, can flip (docs/CONFIG.md, *Reduced precision*).
+
+    Measured here: 6/10 prompts identical over 24 tokens (8/10 with per-sequence verification),
+    every divergence at a gap of 0 or 1 bf16 step. The issue's target of >= 9/10 is NOT reached;
+    the floor below (>= 5) guards against regressions, the near-tie check against real bugs."""
+    from specfed_flwr.config import SpecFedConfig
+    from specfed_flwr.inprocess import InProcessEngine
+    from specfed_flwr.prompts import load_prompts
+    from specfed_flwr.specs import load_draft_spec, load_target_spec
+
+    target = load_target_spec("default", "cpu", "bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in target.model.parameters())
+    draft = load_draft_spec("default", "int4")
+    prompts = [format_prompt(target.tokenizer, text) for text in load_prompts("default")[:BF16_PROMPTS]]
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            out = target.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=BF16_NEW_TOKENS,
+                                        do_sample=False, eos_token_id=None)
+            expected.append(out[0, len(ids):].tolist())
+    cfg = SpecFedConfig(target_dtype="bfloat16", max_new_tokens=BF16_NEW_TOKENS, max_active_sequences=BF16_PROMPTS,
+                        temperature=0.0, top_k=8, draft_length=4)
+    result = InProcessEngine(target.model, [draft.model], cfg, tokenizer=target.tokenizer, eos_token_ids=[],
+                             vocab_size=target.vocab_size).generate(prompts)
+    same = [got == want for got, want in zip(result.token_ids, expected)]
+    explanations = []
+    for ids, got, want, ok in zip(prompts, result.token_ids, expected, same):
+        if ok:
+            continue
+        at = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        with torch.inference_mode():
+            logits = target.model(torch.tensor([ids + want[:at]])).logits[0, -1].float()
+        top2 = torch.topk(logits, 2)
+        gap = float(top2.values[0] - top2.values[1])
+        ulp = 2.0 ** (torch.floor(torch.log2(top2.values[0].abs())) - 7)  # bf16 spacing at that magnitude
+        explanations.append({"position": at, "generate": want[at], "speculative": got[at], "gap": gap,
+                             "bf16_steps": gap / float(ulp), "near_tie": {want[at], got[at]} <= set(top2.indices.tolist())
+                             or gap <= 4 * float(ulp)})
+    print(f"bf16: {sum(same)}/{len(same)} prompts identical; divergences: {explanations}")
+    assert sum(same) >= 5, explanations
+    assert all(e["near_tie"] and e["bf16_steps"] <= 4 for e in explanations), explanations

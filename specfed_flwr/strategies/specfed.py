@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from flwr.app import Message, RecordDict
 from flwr.common.logger import log
@@ -252,7 +252,9 @@ class SpecFedStrategy(Strategy):
         prompts: Sequence[str | Sequence[int]],
         *,
         indices: Sequence[int] | None = None,
+        options: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> SpecFedResult:
+        """``options[index]``: that prompt's overrides (``max_new_tokens``, ``stop``)."""
         cfg = self.config
         self.summary()
         self._poll = self.poll_for(grid)
@@ -260,7 +262,7 @@ class SpecFedStrategy(Strategy):
         nodes = self._wait_for_nodes(grid)
         log(INFO, "%d node(s) connected; handshaking", len(nodes))
         infos, excluded = self.handshake(grid, nodes) if nodes else ({}, {})
-        coordinator = Coordinator(self.target, cfg, eos_token_ids=self.eos_token_ids)
+        coordinator = Coordinator(self.target, cfg, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
         for name, info in infos.items():
             gamma, k = coordinator.settings_for(name)
             if "max-k" in info:
@@ -274,7 +276,10 @@ class SpecFedStrategy(Strategy):
         for index, prompt, owner in items:
             try:
                 ids = encode_prompt(self.tokenizer, prompt, cfg.chat_template)
-                coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None)
+                own = dict((options or {}).get(index, {}))
+                coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None,
+                                   max_new_tokens=own.get("max_new_tokens"), stop=own.get("stop"),
+                                   temperature=own.get("temperature"), top_p=own.get("top_p"))
             except (ValueError, TypeError) as exc:  # one bad prompt must not end the run
                 refused[index] = str(exc)
                 log(WARNING, "prompt %d refused: %s", index, exc)
