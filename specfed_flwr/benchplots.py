@@ -253,11 +253,16 @@ def markdown(bench, plots: dict[str, Path], md_path: Path) -> str:
         "- Engine comparisons run in **greedy mode** (the output must equal the target's greedy `generate`; "
         "`exact match` checks it token for token), on the same prompts, interleaved, "
         f"{pr.engine_reps} repetition(s), medians.\n"
-        "- All clients run the same int8 draft and the devices' sampling seeds depend on (seed, round, sequence), "
+        "- All clients run the same draft (the default, int4) and the devices' sampling randomness depends on "
+        "(seed, sequence, position), "
         "so identical clients draft identical tokens: more clients cannot raise alpha here, they only add drafting "
         "work (in-process and in the Flower simulation's single Ray actor: one after the other).\n"
         "- Concurrency c runs max(c, prompts) sequences (the prompt set cycled), c of them active at a time.\n"
-        "- Per-round numbers come from instrumenting `Coordinator.plan_round/complete_round` (round wall time, "
+        "- The in-process rows of this section and the sweeps run strict rounds without drafting ahead "
+        "(`pipeline-depth=1`, `draft-ahead=false`: the round-cost model the theory describes); the Flower "
+        "simulation rows use the run config's defaults (pipelined, drafting ahead); the pipelined in-process "
+        "engine and the emulated federation are in \"Pipelined rounds and the emulated federation\".\n"
+        "- Per-round numbers come from instrumenting `Coordinator.plan_cohort/complete_round` (round wall time, "
         "RoundReport verify/server seconds, each client's `draft_seconds` metric) in this process, for the in-process "
         "and the Flower engine alike.\n")
 
