@@ -72,13 +72,20 @@ def test_tiny_llama_is_deterministic_fp32_eval_and_leaves_the_global_rng_alone()
     assert tiny_llama(seed=0, vocab_size=300).lm_head.out_features == 300
 
 
-def test_tiny_llama_matches_the_spec_helper_when_there_is_one():
-    specs = pytest.importorskip("specfed_flwr.specs")
-    other = getattr(specs, "tiny_llama", None)
-    if other is None or other is tiny_llama:
-        pytest.skip("specs.tiny_llama is models.tiny_llama")
-    sa, sb = tiny_llama(seed=1).state_dict(), other(seed=1).state_dict()
+def test_tiny_spec_builds_the_tiny_llama_of_that_seed_and_vocabulary():
+    """``tiny:SEED:VOCAB`` (the spec configs and tests use) is exactly ``tiny_llama(SEED, VOCAB)``;
+    a malformed spec is refused. (It replaces a test that was always skipped: it compared
+    ``specs.tiny_llama`` with itself.)"""
+    from specfed_flwr.specs import load_target_spec
+
+    loaded = load_target_spec("tiny:3:300", "cpu")
+    assert loaded.vocab_size == 300
+    sa, sb = tiny_llama(seed=3, vocab_size=300).state_dict(), loaded.model.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    other = tiny_llama(seed=4, vocab_size=300).state_dict()
+    assert not all(torch.equal(sa[k], other[k]) for k in sa)  # the seed matters
+    with pytest.raises(ValueError, match="tiny:SEED"):
+        load_target_spec("tiny:x", "cpu")
 
 
 # ----------------------------------------------------------------------------- devices, cache
