@@ -142,6 +142,29 @@ class RoundReport:
 
 
 @dataclass
+class GenerationResult:
+    """What a run produced, whatever the engine: the finished sequences (by prompt index), the
+    summary (``Coordinator.summary``) and every round's report."""
+
+    sequences: list[SequenceResult]
+    summary: dict[str, Any]
+    rounds: list[RoundReport]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The summary, under the name the in-process engine has always used."""
+        return self.summary
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        return [s.token_ids for s in self.sequences]
+
+    @property
+    def texts(self) -> list[str | None]:
+        return [s.text for s in self.sequences]
+
+
+@dataclass
 class RoundDrafts:
     """One round's valid drafts as tensors (rows = active sequences, columns = replying clients)."""
 

@@ -17,34 +17,18 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from .client_core import DraftClient
 from .config import SpecFedConfig
-from .engine import Coordinator, RoundReport, SequenceResult
+from .engine import Coordinator, GenerationResult, RoundReport
 from .pipeline import InFlight, run_rounds
 from .protocol import DraftRequest, RoundPlan
 from .target import TargetVerifier
 from .tokens import decode_texts, default_eos_ids, encode_prompt
 from .wire import WireFormatError, decode_reply, reply_to_arrays
-
-
-@dataclass
-class GenerationResult:
-    sequences: list[SequenceResult]
-    metrics: dict[str, Any]
-    rounds: list[RoundReport]
-
-    @property
-    def token_ids(self) -> list[list[int]]:
-        return [s.token_ids for s in self.sequences]
-
-    @property
-    def texts(self) -> list[str | None]:
-        return [s.text for s in self.sequences]
 
 
 def pin_current_thread(cpus: Iterable[int] | None) -> None:

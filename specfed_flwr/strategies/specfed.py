@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..config import SpecFedConfig
-from ..engine import Coordinator, RoundReport, SequenceResult
+from ..engine import Coordinator, GenerationResult, RoundReport, SequenceResult
 from ..pipeline import InFlight, run_rounds
 from ..protocol import DraftRequest, RoundPlan
 from ..tokens import decode_texts, encode_prompt
@@ -45,21 +45,12 @@ from .strategy_utils import (GridTransport, NodeProcesses, draft_error_fault, no
 
 
 @dataclass
-class SpecFedResult:
-    sequences: list[SequenceResult]
-    summary: dict[str, Any]
-    rounds: list[RoundReport]
-    nodes: dict[str, dict[str, Any]]  # handshake info of the nodes that took part
-    excluded: dict[str, str]  # node -> why it was refused
-    faults: dict[str, list[str]] = field(default_factory=dict)
+class SpecFedResult(GenerationResult):
+    """A run through Flower: the engine's result plus what the handshake and the devices did."""
 
-    @property
-    def token_ids(self) -> list[list[int]]:
-        return [s.token_ids for s in self.sequences]
-
-    @property
-    def texts(self) -> list[str | None]:
-        return [s.text for s in self.sequences]
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # handshake info of the nodes that took part
+    excluded: dict[str, str] = field(default_factory=dict)  # node -> why it was refused
+    faults: dict[str, list[str]] = field(default_factory=dict)  # node -> every dropped reply's reason
 
 
 class SpecFedStrategy(Strategy):
