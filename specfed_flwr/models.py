@@ -317,6 +317,39 @@ def _int4_cpu_inverse(out_f: int, in_f: int) -> torch.Tensor:
     return _INT4_INVERSE[key]
 
 
+_INT4PACK_BLOCK = 32  # output rows per block of the AVX2 int4pack layout
+_INT4PACK_BLOCKED: dict[tuple[int, int], bool] = {}
+
+
+def _unpack_int4pack(packed: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
+    """int4 codes [out_f, in_f] (uint8, 0..15) from the CPU int4pack layout, by reshapes only.
+
+    The layout seen here (torch 2.13, AVX2): blocks of 32 output rows; for each input column a
+    block holds 16 bytes whose low nibbles are rows 0..15 and high nibbles rows 16..31 of the block.
+    ``_int4pack_is_blocked`` checks that against the generic inverse permutation before it is used.
+    """
+    blocks = packed.view(out_f // _INT4PACK_BLOCK, in_f, _INT4PACK_BLOCK // 2)  # [out/32, in, 16]
+    codes = torch.cat([blocks & 15, blocks >> 4], dim=2)  # [out/32, in, 32]
+    return codes.transpose(1, 2).reshape(out_f, in_f)
+
+
+def _int4pack_is_blocked(out_f: int, in_f: int) -> bool:
+    """Whether ``_unpack_int4pack`` inverts this shape's int4pack layout (checked once per shape on
+    random codes: packing them and reading them back must give them all)."""
+    key = (out_f, in_f)
+    if key not in _INT4PACK_BLOCKED:
+        ok = out_f % _INT4PACK_BLOCK == 0
+        if ok:
+            try:
+                codes = torch.randint(0, 16, (out_f, in_f), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+                packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+                ok = torch.equal(_unpack_int4pack(packed, out_f, in_f).to(torch.int32), codes)
+            except (RuntimeError, AttributeError):
+                ok = False
+        _INT4PACK_BLOCKED[key] = bool(ok)
+    return _INT4PACK_BLOCKED[key]
+
+
 class QuantLinear(nn.Module):
     """A bias-optional linear layer with weight-only int8 or int4 weights.
 
@@ -335,6 +368,10 @@ class QuantLinear(nn.Module):
     #: head converting the weight alone costs ~70 ms, so the kernel wins up to a few hundred rows)
     small_m = 24
     large_weight_small_m = 256
+    #: int4: inputs with at least this many rows (prefill) are multiplied by the dequantised fp32
+    #: weight instead of the int4pack kernel, which costs ~2x an fp32 sgemm at prefill sizes
+    #: (576x1536 layer, 576 rows, 1 thread: 40 ms vs 21 ms + 2.4 ms to dequantise; crossover ~80 rows)
+    large_m = 96
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 8,
                  group_size: int = INT4_GROUP_SIZE, use_kernels: bool = True) -> None:
@@ -378,6 +415,9 @@ class QuantLinear(nn.Module):
         # the kernel's [in/group, out, 2] (scale, zero) with zero = minimum + 8 * scale, in bf16 (its activation dtype)
         zeros = minimum + 8.0 * scale
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous())
+        # prefill-sized inputs are multiplied by the dequantised weight (``forward``): only when this
+        # shape's int4pack layout is the blocked one ``_unpack_int4pack`` reads (checked once per shape)
+        self.fast_unpack = self.int4_layout == "cpu_int4pack" and _int4pack_is_blocked(self.out_features, self.in_features)
 
     # -- helpers --------------------------------------------------------------------------
     def extra_repr(self) -> str:
@@ -398,11 +438,14 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.bits == 8:
             return (self.qweight.to(dtype) * self.scale.to(dtype)[:, None])
-        sz = self.scales_zeros.float()  # [groups, out, 2]
-        scale, zero = sz[..., 0].t(), sz[..., 1].t()  # [out, groups]
-        codes = self.int4_codes().float().view(self.out_features, -1, self.group_size)
-        w = (codes - 8.0) * scale[..., None] + zero[..., None]
-        return w.view(self.out_features, self.in_features).to(dtype)
+        if self.int4_layout == "cpu_int4pack" and self.fast_unpack:
+            codes = _unpack_int4pack(self.qweight, self.out_features, self.in_features)
+        else:
+            codes = self.int4_codes()
+        sz = self.scales_zeros.float()  # [groups, out, 2], the very values the kernel uses
+        scale, offset = sz[..., 0].t()[..., None], (sz[..., 1] - 8.0 * sz[..., 0]).t()[..., None]  # [out, groups, 1]
+        grouped = codes.view(self.out_features, -1, self.group_size).to(torch.float32)  # [out, groups, group]
+        return torch.addcmul(offset, grouped, scale).reshape(self.out_features, self.in_features).to(dtype)
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -413,7 +456,7 @@ class QuantLinear(nn.Module):
                 if self.bits == 8:
                     if x2.shape[0] <= self.small_m:
                         y = _INT8_MM(x2.to(torch.bfloat16), self.qweight, self.scale_bf16)
-                elif self.int4_layout == "cpu_int4pack":
+                elif self.int4_layout == "cpu_int4pack" and (x2.shape[0] < self.large_m or not self.fast_unpack):
                     y = _INT4_MM(x2.to(torch.bfloat16), self.qweight, self.group_size, self.scales_zeros)
             except (RuntimeError, AttributeError, TypeError):
                 self.use_kernels = False  # this build lacks the kernel: pure-PyTorch path from now on

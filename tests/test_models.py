@@ -245,6 +245,25 @@ def test_int4_layouts_hold_the_same_codes():
     assert (plain.dequantized_weight() - weight).abs().max() <= groups / 15 / 2 * 1.05 + 1e-3
 
 
+def test_int4_prefill_sized_inputs_use_the_same_weights():
+    """Inputs of ``large_m`` rows or more skip the int4pack kernel (2x an fp32 sgemm at prefill
+    sizes) and multiply by the dequantised weight read straight from the packed layout."""
+    torch.manual_seed(2)
+    weight = torch.randn(96, 128) * 0.05
+    kernel = QuantLinear(weight, bits=4)
+    if kernel.int4_layout != "cpu_int4pack":
+        pytest.skip("this torch build has no CPU int4pack kernel")
+    assert kernel.fast_unpack
+    plain = QuantLinear(weight, bits=4, use_kernels=False)
+    # the blocked unpack reads exactly the codes the generic inverse permutation finds
+    assert torch.equal(kernel.dequantized_weight(), plain.dequantized_weight())
+    x = torch.randn(kernel.large_m + 5, 128)
+    big = kernel(x)
+    assert torch.allclose(big, torch.nn.functional.linear(x, plain.dequantized_weight()), atol=1e-5)
+    small = torch.cat([kernel(x[i:i + 8]) for i in range(0, x.shape[0], 8)])  # the kernel's bf16 path
+    assert torch.allclose(big, small, atol=3e-2, rtol=3e-2)
+
+
 def test_tied_head_is_untied_and_the_embedding_shares_the_int8_table():
     model = _tied_llama()
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
