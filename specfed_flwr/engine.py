@@ -255,6 +255,11 @@ def _limit_of_kind(kind: str) -> str | None:
     return {"limit:max-k": "max_k", "limit:max-gamma": "max_gamma", "limit:max-reply-bytes": "max_reply_bytes"}.get(kind)
 
 
+#: prompt tokens the target prefills per idle step of the pipeline (``Coordinator.prefill_pending``):
+#: about half a second of the default target on one CPU core, the longest a ready verify may wait
+PREFILL_CHUNK_TOKENS = 256
+
+
 class Coordinator:
     """Everything the server does per round, independent of the transport."""
 
@@ -474,6 +479,25 @@ class Coordinator:
             self._active[seq.seq_id] = seq
         if self._waiting and len(self._active) >= self.config.max_active_sequences:
             self.hit_limit("max_active_sequences", f"{len(self._waiting)} sequence(s) wait for a free slot")
+
+    def prefill_pending(self, max_tokens: int = PREFILL_CHUNK_TOKENS) -> int:
+        """Prefill the target for active sequences whose prompt is not cached yet, oldest first,
+        about ``max_tokens`` prompt tokens per call (at least one sequence); returns the tokens fed.
+
+        The pipeline calls this when it would otherwise wait for replies (``pipeline.run_rounds``,
+        step 5), so the target's prompt work overlaps the devices' prefill and drafting instead of
+        adding to the first verify of every new sequence. Chunked so that a verify that becomes
+        ready meanwhile waits for at most one chunk."""
+        chosen, total = [], 0
+        for seq_id in sorted(self._active):
+            n = self.target.pending_prefill(seq_id)
+            if n <= 0:
+                continue
+            if chosen and total + n > max_tokens:
+                break
+            chosen.append(seq_id)
+            total += n
+        return self.target.prefill(chosen) if chosen else 0
 
     def settings_for(self, client: str) -> tuple[int, int]:
         """(gamma, K) for a client this round: fixed, or the adaptive controller's choice."""

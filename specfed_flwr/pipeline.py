@@ -21,7 +21,10 @@ its own cohort's sequences with the target, exactly as a strict round would.
    behind another cohort is not latency more cohorts could hide), cycle = verify + draft (their
    median), at most ``AUTO_MAX_DEPTH``. More cohorts than that only shrink every verify batch: the devices draft
    the cohorts one after the other, so they cannot go faster than their own compute;
-5. **wait** until something arrives (at most one poll interval) when nothing was ready.
+5. **idle**: when nothing is ready to verify, the target prefills the prompts of sequences that
+   joined (``Coordinator.prefill_pending``, one chunk at a time), so a new sequence's first verify
+   does not run its whole prompt on the round's critical path; with nothing to prefill, wait until
+   something arrives (at most one poll interval).
 
 A ``Transport`` moves requests and replies: Flower's grid (``strategies.specfed``) or threads
 in this process (``inprocess``).
@@ -146,7 +149,9 @@ def run_rounds(
         # output, do not depend on which device happened to answer first)
         oldest = min(flights)
         if not flights[oldest].complete(time.perf_counter()):
-            transport.wait(transport.poll_interval)  # 5. nothing to do yet
+            # 5. nothing to verify yet: prefill new sequences' prompts on the target, else wait
+            if not coordinator.prefill_pending():
+                transport.wait(transport.poll_interval)
             continue
         flight = flights.pop(oldest)
         replies, metrics, faults = transport.decode(flight)

@@ -47,8 +47,10 @@ class TargetVerifier:
         self.vocab_size = int(vocab_size or model.config.vocab_size)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._seqs: dict[int, _TargetSequence] = {}
-        self.forward_calls = 0
+        self.forward_calls = 0  # scoring forwards (one per verified round when batched)
         self.forward_seconds = 0.0
+        self.prefill_calls = 0  # prompt prefills run while waiting for drafts (``prefill``)
+        self.prefill_seconds = 0.0
 
     def start(self, seq_id: int, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -126,6 +128,46 @@ class TargetVerifier:
                 out[row, len(path) + 1 :] = 0.0  # nothing was scored past this row's path
         self.forward_seconds += time.perf_counter() - started
         return out
+
+    def pending_prefill(self, seq_id: int) -> int:
+        """Committed tokens of a sequence not in its cache yet, apart from the newest (which
+        ``score`` feeds together with the draft path): what ``prefill`` would feed."""
+        seq = self._seqs.get(int(seq_id))
+        return 0 if seq is None else max(0, len(seq.tokens) - 1 - seq.cache_len)
+
+    @torch.inference_mode()
+    def prefill(self, seq_ids: list[int]) -> int:
+        """Feed the committed tokens of ``seq_ids`` that are not cached yet (all but the newest),
+        so that their next ``score`` only feeds the newest token and the draft path.
+
+        Why: a new sequence's first verify otherwise runs the whole prompt through the target
+        right when its drafts arrive, on the round's critical path. Prefilling while the devices
+        prefill and draft (the pipeline's idle step) takes it off that path. One forward for all
+        rows (padded) where the caches allow it; returns the tokens fed. Exactness is unchanged:
+        the cache then holds the same keys/values that ``score`` would have computed."""
+        rows = [int(s) for s in seq_ids if self.pending_prefill(s) > 0]
+        if not rows:
+            return 0
+        started = time.perf_counter()
+        seqs = [self._seqs[s] for s in rows]
+        feed = [seq.tokens[seq.cache_len:-1] for seq in seqs]
+        if self._can_batch(rows):
+            batch = PaddedBatch([seq.cache for seq in seqs], [seq.cache_len for seq in seqs], device=self.device,
+                                reserve=max(len(f) for f in feed))
+            batch.step(self.model, feed, [[] for _ in feed])
+            self.prefill_calls += 1
+            for row, seq in enumerate(seqs):
+                seq.cache = batch.row_cache(row)
+                seq.cache_len += len(feed[row])
+        else:
+            for seq, tokens in zip(seqs, feed):
+                input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+                extra = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
+                _, seq.cache = forward_with_cache(self.model, seq.cache, input_ids=input_ids, **extra)
+                self.prefill_calls += 1
+                seq.cache_len += len(tokens)
+        self.prefill_seconds += time.perf_counter() - started
+        return sum(len(f) for f in feed)
 
     def commit(self, seq_id: int, num_accepted: int, new_token: int) -> None:
         """Keep ``num_accepted`` tokens of the last scored path, then append ``new_token``."""

@@ -111,6 +111,35 @@ def test_score_batch_equals_per_sequence(attn):
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_prefill_then_score_equals_scoring_the_whole_prompt(batched):
+    """``TargetVerifier.prefill`` (run while devices draft) caches all but the newest committed
+    token; the next ``score_batch`` then feeds only that token and the path, with the same logits
+    as scoring the whole prompt at once, for rows prefilled, not prefilled and half prefilled."""
+    model = _tiny(0)
+    pre, plain = TargetVerifier(model, batched=batched), TargetVerifier(model, batched=False)
+    rng = random.Random(11)
+    prompts = [_random_prompt(rng, 1, 14) for _ in range(4)]
+    for i, prompt in enumerate(prompts):
+        pre.start(i, prompt)
+        plain.start(i, prompt)
+    fed = pre.prefill([0, 1, 2])  # sequence 3 is left to score
+    assert fed == sum(len(p) - 1 for p in prompts[:3])
+    assert all(pre.pending_prefill(i) == 0 for i in range(3)) and pre.pending_prefill(3) == len(prompts[3]) - 1
+    assert pre.prefill([0, 1, 2]) == 0  # nothing left to feed
+    assert pre.forward_calls == 0 and pre.prefill_calls >= 1
+    for _ in range(3):
+        order = [3, 1, 0, 2]
+        paths = [[rng.randrange(VOCAB) for _ in range(rng.randint(0, 4))] for _ in order]
+        got, want = pre.score_batch(order, paths), plain.score_batch(order, paths)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+        for row, seq_id in enumerate(order):
+            n_acc, token = rng.randint(0, len(paths[row])), rng.randrange(VOCAB)
+            pre.commit(seq_id, n_acc, token)
+            plain.commit(seq_id, n_acc, token)
+        assert pre.prefill(order) == 0  # committed tokens are scored with the path, never prefilled
+
+
 def test_batched_and_single_scoring_mix(target):
     """A sequence can go from the batched path to ``score`` and back (caches stay per sequence)."""
     a, b = TargetVerifier(target), TargetVerifier(target, batched=False)
