@@ -2,7 +2,9 @@
 
 ``make_fault_client_app({partition_id: kind, ...})`` wraps ``client_app.handshake`` and
 ``client_app.draft``; the node whose ``partition-id`` (simulation node_config) maps to a kind
-misbehaves that way, every other node is honest:
+misbehaves that way, and so does a node whose own node_config sets ``fault = "<kind>"`` (how a
+SuperNode of the deployment engine is told: ``--node-config 'fault="random"'``, running the
+module-level ``app``); every other node is honest:
 
 * ``crash``    raises from round ``crash_round`` on (Flower turns it into an error reply);
 * ``nan``      sends NaN probabilities (odd rounds) or out-of-range token ids (even rounds);
@@ -34,6 +36,16 @@ def _partition(context: Context) -> int:
         return -1
 
 
+def _fault_of(faults: Mapping[int, str], context: Context) -> str | None:
+    """This node's fault: by partition id, else its own node_config's ``fault``."""
+    kind = faults.get(_partition(context))
+    if kind is None and context.node_config.get("fault"):
+        kind = str(context.node_config["fault"])
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"node_config fault={kind!r} is not one of {FAULT_KINDS}")
+    return kind
+
+
 def _with_arrays(reply: Message, arrays: Mapping[str, np.ndarray]) -> Message:
     reply.content["draft"] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()})
     return reply
@@ -59,7 +71,7 @@ def make_fault_client_app(
     def handshake(message: Message, context: Context) -> Message:
         from . import client_app as real
 
-        if faults.get(_partition(context)) == "mismatch":
+        if _fault_of(faults, context) == "mismatch":
             context.node_config["draft"] = mismatch_draft
         reply = real.handshake(message, context)
         if not reply.has_error():
@@ -70,7 +82,7 @@ def make_fault_client_app(
     def draft(message: Message, context: Context) -> Message:
         from . import client_app as real
 
-        kind = faults.get(_partition(context))
+        kind = _fault_of(faults, context)
         round_ = int(message.content.config_records["config"].get("round", 0))
         if kind == "crash" and round_ >= crash_round:
             raise RuntimeError(f"injected crash at round {round_}")
@@ -118,3 +130,8 @@ def make_fault_client_app(
         return _with_arrays(reply, arrays)
 
     return app
+
+
+#: every node honest unless its node_config names a fault (``fault = "random"``, ...): the
+#: ClientApp a deployment test gives its device runtimes (``--app specfed_flwr.faultapp:app``)
+app = make_fault_client_app({})

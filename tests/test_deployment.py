@@ -223,6 +223,36 @@ def _fault_run(tmp_path: Path, kill: list[str], restart: bool = False, **overrid
 
 
 @pytest.mark.flower
+def test_deployment_three_nodes_one_random_greedy_equals_target(tmp_path: Path) -> None:
+    """Pipelined rounds with drafting ahead on the deployment engine, 3 SuperNodes of which one
+    sends well-formed garbage (confident random drafts): the output is still the target's own
+    greedy ``generate``, and the garbage node's weight falls below the honest ones'."""
+    prompts = _prompts(6, seed=23)
+    cfg = _run_config(tmp_path, prompts, **{"min-nodes": 3, "pipeline-depth": "2", "draft-ahead": True})
+    node_configs = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    node_configs[2]["fault"] = "random"
+    stack = start_deployment_stack(3, log_dir=tmp_path / "logs", node_configs=node_configs,
+                                   app="specfed_flwr.faultapp:app")
+    pids: set[int] = set()
+    try:
+        pids = stack.pids()
+        garbage = str(stack.node_ids[2])
+        rc = flwr_run(stack, APP_DIR, cfg, stream=False, timeout=RUN_TIMEOUT)
+        pids |= stack.pids()
+        assert rc == 0, _run_log(stack)
+    finally:
+        _assert_nothing_left(stack, pids)
+    records = _records(cfg)
+    got = [r["token_ids"] for r in sorted(records, key=lambda r: r["index"])]
+    assert got == _oracle(prompts, 10)
+    summary = _summary(cfg)
+    assert set(summary["clients"]) == {str(n) for n in stack.node_ids}
+    assert summary["accepted"] > 0  # the honest nodes' drafts were accepted
+    weights = {n: w["weight"] for n, w in summary["weights"].items()}
+    assert weights[garbage] < min(w for n, w in weights.items() if n != garbage), weights
+
+
+@pytest.mark.flower
 def test_deployment_survives_a_dead_supernode(tmp_path: Path) -> None:
     summary, node_of, _, _ = _fault_run(tmp_path, ["supernode-1"])
     dead, alive = node_of["supernode-1"], node_of["supernode-0"]
