@@ -27,6 +27,7 @@ from .aggregation import (BiasAwareWeights, DraftPath, WeightingConfig, path_agr
                           select_draft_path)
 from .client_core import DraftClient
 from .config import SpecFedConfig
+from .faults import EventKind, Fault, FaultKind
 from .protocol import DraftRequest, RoundPlan
 from .roster import NodeRoster
 from .reconstruction import reconstruct_sparse
@@ -123,7 +124,7 @@ class RoundReport:
     uplink_bytes: int
     downlink_bytes: int
     finished: list[SequenceResult]
-    faults: dict[str, str]
+    faults: dict[str, Fault]
     weights: dict[str, float]
     exchange_seconds: float | None = None  # wall time of the round's message exchange, when known
     cohort: int | None = None  # the cohort this round verified (None: every active sequence)
@@ -191,8 +192,8 @@ class ClientStats:
     faults: list[str] = field(default_factory=list)  # "round N: reason" of every dropped reply
     # what the server did about this client: deselected / rejoined / weight collapsed / restored
     events: list[str] = field(default_factory=list)
-    fault_kinds: dict[str, int] = field(default_factory=dict)  # kind (see ``fault_kind``) -> count
-    event_kinds: dict[str, int] = field(default_factory=dict)  # kind of ``events`` -> count
+    fault_kinds: dict[str, int] = field(default_factory=dict)  # ``FaultKind`` value -> count
+    event_kinds: dict[str, int] = field(default_factory=dict)  # ``EventKind`` value of ``events`` -> count
     resyncs: int = 0  # rounds the device answered without its draft state (whole sequences resent)
     resync_rounds: list[int] = field(default_factory=list)  # the rounds those were
     proactive_hits: int = 0  # rows the device had drafted ahead when the request came (guess confirmed)
@@ -227,32 +228,6 @@ LIMITS = {
     "max_new_tokens": "sequences stopped at max-new-tokens",
     "max_prompt_tokens": "prompts refused for being longer than max-prompt-tokens",
 }
-
-
-def fault_kind(reason: str) -> str:
-    """A short category for a dropped reply's reason (the summary counts faults per kind)."""
-    text = str(reason)
-    if "exceeds max_k" in text:
-        return "limit:max-k"
-    if "exceeds max_gamma" in text:
-        return "limit:max-gamma"
-    if "exceeds max_bytes" in text:
-        return "limit:max-reply-bytes"
-    if text.startswith("no reply"):
-        return "deadline"
-    if text.startswith("error reply"):
-        return "error-reply"
-    if text.startswith("reply from "):  # wire.WireFormatError
-        return "wire-format"
-    if "no 'draft' array record" in text:
-        return "missing-record"
-    if text.startswith(("reply claims", "reply is missing", "sequence ", "reply has K=")):
-        return "protocol"
-    return "invalid-reply"
-
-
-def _limit_of_kind(kind: str) -> str | None:
-    return {"limit:max-k": "max_k", "limit:max-gamma": "max_gamma", "limit:max-reply-bytes": "max_reply_bytes"}.get(kind)
 
 
 class Coordinator:
@@ -312,13 +287,13 @@ class Coordinator:
             log.log(level, "limit %s=%s hit%s (counted in the summary's 'limits')",
                     name.replace("_", "-"), value, f": {detail}" if detail else "")
 
-    def note_event(self, client: str, text: str, kind: str = "event") -> None:
-        """Something the server did about a client (``kind``: deselected, rejoined,
-        weight-collapsed, weight-restored, restarted, ...), counted by kind in the summary."""
+    def note_event(self, client: str, text: str, kind: EventKind) -> None:
+        """Something the server did about a client, counted by ``kind`` in the summary."""
+        kind = EventKind(kind)
         stats = self.client_stats.setdefault(client, ClientStats())
         round_ = self._completing or self.round
         stats.events.append(f"round {round_}: {text}")
-        stats.event_kinds[kind] = stats.event_kinds.get(kind, 0) + 1
+        stats.event_kinds[kind.value] = stats.event_kinds.get(kind.value, 0) + 1
         log.warning("round %d: %s %s", round_, client, text)
 
     def limits(self) -> dict[str, dict[str, Any]]:
@@ -588,11 +563,11 @@ class Coordinator:
                 self.note_event(client, (
                     f"weight collapsed (measured agreement {rec.agreement:.3f} < weight-drop-below "
                     f"{self.config.weight_drop_below:g}): deselected, probed every {self.config.rejoin_after_rounds} rounds"),
-                    "weight-collapsed")
+                    EventKind.WEIGHT_COLLAPSED)
             elif not collapsed and client in self._collapsed:
                 self._collapsed.discard(client)
                 self.note_event(client, f"weight restored (measured agreement {rec.agreement:.3f}): drafting again",
-                                "weight-restored")
+                                EventKind.WEIGHT_RESTORED)
 
     def forget_client_state(self, client: str) -> None:
         """The client lost its caches (restart): resend whole sequences next time."""
@@ -600,8 +575,13 @@ class Coordinator:
             seq.client_known.pop(client, None)
         self._to_release.pop(client, None)
 
-    def _check_reply(self, client: str, reply: DraftReply) -> str | None:
-        request = self._planned[client]
+    def _check_reply(self, client: str, reply: DraftReply) -> Fault | None:
+        """A well-formed reply that does not answer what was asked: a ``PROTOCOL`` fault."""
+        problem = self._reply_mismatch(self._planned[client], reply)
+        return None if problem is None else Fault(FaultKind.PROTOCOL, problem)
+
+    @staticmethod
+    def _reply_mismatch(request: DraftRequest, reply: DraftReply) -> str | None:
         asked = dict(zip(request.seq_ids.tolist(), request.gammas.tolist()))
         got = reply.seq_ids.tolist()
         if sorted(got) != sorted(asked):
@@ -621,7 +601,7 @@ class Coordinator:
         replies: dict[str, DraftReply],
         *,
         client_metrics: dict[str, dict[str, Any]] | None = None,
-        faults: dict[str, str] | None = None,
+        faults: dict[str, Fault] | None = None,
         round_seconds: float | None = None,
         plan: RoundPlan | None = None,
     ) -> RoundReport:
@@ -688,7 +668,7 @@ class Coordinator:
         self.rounds.append(report)
         return report
 
-    def _observe_roster(self, plan: RoundPlan, faults: dict[str, str]) -> None:
+    def _observe_roster(self, plan: RoundPlan, faults: dict[str, Fault]) -> None:
         """Tell the roster which asked clients answered; a client that did not may have lost or
         skipped state, so it gets whole sequences next time."""
         for client in plan.requests:
@@ -696,14 +676,14 @@ class Coordinator:
             event = self.roster.observe(client, plan.round, ok)
             if event is not None:
                 kind, text = event
-                self.note_event(client, text, kind.value)
+                self.note_event(client, text, kind)
             if not ok:
                 self.forget_client_state(client)
 
     # ---- the steps of one round -------------------------------------------------------------
     def _validate_replies(
-        self, replies: dict[str, DraftReply], faults: dict[str, str], client_metrics: dict[str, dict[str, Any]]
-    ) -> tuple[dict[str, DraftReply], dict[str, str]]:
+        self, replies: dict[str, DraftReply], faults: dict[str, Fault], client_metrics: dict[str, dict[str, Any]]
+    ) -> tuple[dict[str, DraftReply], dict[str, Fault]]:
         """Keep the replies that answer what was asked; every other planned client gets a fault.
 
         Updates the per-client stats (asked, replied, bytes, positions, draft time, faults) and
@@ -714,7 +694,7 @@ class Coordinator:
             stats.rounds_asked += 1
             stats.downlink_bytes += request.nbytes()
             if client not in replies:
-                faults.setdefault(client, "no reply")
+                faults.setdefault(client, Fault(FaultKind.DEADLINE, "no reply"))
                 continue
             problem = self._check_reply(client, replies[client])
             if problem:
@@ -739,16 +719,16 @@ class Coordinator:
             stats.draft_seconds += float(metrics.get("draft_seconds", 0.0))
             stats.proactive_hits += int(metrics.get("proactive_hits", 0) or 0)
             stats.proactive_misses += int(metrics.get("proactive_misses", 0) or 0)
-        for client, reason in faults.items():
+        for client, fault in faults.items():
+            if not isinstance(fault, Fault):  # its kind is decided where it was seen, never from its text
+                raise TypeError(f"the fault of {client} is a {type(fault).__name__}, not a faults.Fault")
             stats = self.client_stats.setdefault(client, ClientStats())
-            stats.faults.append(f"round {self._completing}: {reason}")
-            kind = fault_kind(reason)
-            stats.fault_kinds[kind] = stats.fault_kinds.get(kind, 0) + 1
-            limit = _limit_of_kind(kind)
-            if limit is not None:
-                self.hit_limit(limit, f"{client}: {reason}")
+            stats.faults.append(f"round {self._completing}: {fault.reason}")
+            stats.fault_kinds[fault.kind.value] = stats.fault_kinds.get(fault.kind.value, 0) + 1
+            if fault.kind.limit is not None:
+                self.hit_limit(fault.kind.limit, f"{client}: {fault.reason}")
             if client in self._planned and client not in valid:
-                log.warning("round %d: %s dropped: %s", self._completing, client, reason)
+                log.warning("round %d: %s dropped: %s", self._completing, client, fault.reason)
         return valid, faults
 
     def _gather_drafts(self, seqs: list[_Sequence], replies: dict[str, DraftReply]) -> RoundDrafts:

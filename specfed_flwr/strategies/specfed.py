@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..config import SpecFedConfig
+from ..faults import EventKind, Fault, FaultKind
 from ..engine import Coordinator, GenerationResult, RoundReport, SequenceResult
 from ..pipeline import InFlight, run_rounds
 from ..protocol import DraftRequest, RoundPlan
@@ -40,8 +41,7 @@ from ..tokens import decode_texts, encode_prompt
 from ..records import DRAFT_MESSAGE, HANDSHAKE_MESSAGE, config_record, reply_arrays, request_content
 from ..target import TargetVerifier
 from ..wire import WireFormatError, decode_reply
-from .strategy_utils import (GridTransport, NodeProcesses, draft_error_fault, no_reply_reason, note_state_lost,
-                             short_reason)
+from .strategy_utils import GridTransport, NodeProcesses, error_reply_fault, note_state_lost, short_reason
 
 
 @dataclass
@@ -177,7 +177,7 @@ class SpecFedStrategy(Strategy):
             if reply is None:
                 excluded[name] = "no handshake reply before the deadline"
             elif reply.has_error():
-                if no_reply_reason(reply) is not None:
+                if error_reply_fault(reply, self.config.handshake_timeout).kind is FaultKind.DEADLINE:
                     excluded[name] = f"no handshake reply before the deadline ({short_reason(reply.error.reason, 80)})"
                 else:
                     excluded[name] = f"handshake failed on the device: {short_reason(reply.error.reason)}"
@@ -308,7 +308,7 @@ class SpecFedStrategy(Strategy):
         summary = coordinator.summary(wall)
         summary["excluded"] = excluded
         for name, reason in excluded.items():
-            summary["faults"].setdefault(name, {})["handshake-refused"] = 1
+            summary["faults"].setdefault(name, {})[EventKind.HANDSHAKE_REFUSED.value] = 1
         summary["refused_prompts"] = refused
         summary["draft_loads"] = {
             n: max(int(info.get("draft_loads") or 0), int(last_metrics.get(n, {}).get("draft_loads", 0)))
@@ -343,7 +343,7 @@ class SpecFedStrategy(Strategy):
 
     def aggregate_draft(
         self, requests: dict[str, DraftRequest], raw: dict[str, Message]
-    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Fault]]:
         """Validate every reply of a round: (valid replies, metrics, faults). An invalid reply
         becomes a fault of that node, never an exception."""
         cfg = self.config
@@ -351,11 +351,11 @@ class SpecFedStrategy(Strategy):
         for name in requests:
             message = raw.get(name)
             if message is None:
-                faults[name] = f"no reply within the {cfg.round_timeout:g} s round deadline"
+                faults[name] = Fault(FaultKind.DEADLINE, f"no reply within the {cfg.round_timeout:g} s round deadline")
                 continue
             try:
                 if message.has_error():
-                    faults[name] = draft_error_fault(message, cfg.round_timeout)
+                    faults[name] = error_reply_fault(message, cfg.round_timeout)
                     continue
                 arrays, m = reply_arrays(message.content)
                 replies[name] = decode_reply(
@@ -364,9 +364,9 @@ class SpecFedStrategy(Strategy):
                 )
                 metrics[name] = m
             except WireFormatError as exc:
-                faults[name] = str(exc)
+                faults[name] = Fault.from_exception(exc)
             except Exception as exc:  # anything a device sends must not end the run
-                faults[name] = short_reason(f"{type(exc).__name__}: {exc}")
+                faults[name] = Fault.from_exception(exc, short_reason(f"{type(exc).__name__}: {exc}"))
         return replies, metrics, faults
 
     decode_replies = aggregate_draft  # the name tests and older callers use
