@@ -15,6 +15,7 @@ finishes its sequences even when every client is gone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -200,23 +201,7 @@ class ClientStats:
     proactive_misses: int = 0  # rows whose drafts made ahead the device had to drop
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "rounds_asked": self.rounds_asked,
-            "rounds_replied": self.rounds_replied,
-            "positions": self.positions,
-            "uplink_bytes": self.uplink_bytes,
-            "topk_bytes": self.topk_bytes,
-            "downlink_bytes": self.downlink_bytes,
-            "draft_seconds": self.draft_seconds,
-            "faults": list(self.faults),
-            "events": list(self.events),
-            "fault_kinds": dict(self.fault_kinds),
-            "event_kinds": dict(self.event_kinds),
-            "resyncs": self.resyncs,
-            "resync_rounds": list(self.resync_rounds),
-            "proactive_hits": self.proactive_hits,
-            "proactive_misses": self.proactive_misses,
-        }
+        return dataclasses.asdict(self)  # copies the lists and dicts
 
 
 #: the limits a run enforces (config key -> what hitting it means)
