@@ -253,27 +253,9 @@ class SpecFedStrategy(Strategy):
         nodes = self._wait_for_nodes(grid)
         log(INFO, "%d node(s) connected; handshaking", len(nodes))
         infos, excluded = self.handshake(grid, nodes) if nodes else ({}, {})
-        coordinator = Coordinator(self.target, cfg, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
-        for name, info in infos.items():
-            gamma, k = coordinator.settings_for(name)
-            if "max-k" in info:
-                k = min(k, int(info["max-k"]))
-            coordinator.set_client_settings(name, gamma, k)
-            coordinator.set_client_link(name, float(info.get("uplink-mbps", cfg.uplink_mbps)),
-                                        float(info.get("rtt-ms", cfg.rtt_ms)))
-
+        coordinator = self._coordinator_for(infos)
         items = self._prompt_items(prompts, indices, infos)
-        refused: dict[int, str] = {}
-        for index, prompt, owner in items:
-            try:
-                ids = encode_prompt(self.tokenizer, prompt, cfg.chat_template)
-                own = dict((options or {}).get(index, {}))
-                coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None,
-                                   max_new_tokens=own.get("max_new_tokens"), stop=own.get("stop"),
-                                   temperature=own.get("temperature"), top_p=own.get("top_p"))
-            except (ValueError, TypeError) as exc:  # one bad prompt must not end the run
-                refused[index] = str(exc)
-                log(WARNING, "prompt %d refused: %s", index, exc)
+        refused = self._submit(coordinator, items, options or {})
         log(INFO, "%d sequence(s) queued, %d active at most; %d node(s) drafting", len(items), cfg.max_active_sequences, len(infos))
 
         processes = NodeProcesses(simulation=type(grid).__name__ == "InMemoryGrid")
@@ -327,6 +309,35 @@ class SpecFedStrategy(Strategy):
             excluded=excluded,
             faults={c: s.faults for c, s in coordinator.client_stats.items() if s.faults},
         )
+
+    def _coordinator_for(self, infos: dict[str, dict[str, Any]]) -> Coordinator:
+        """A Coordinator that knows each accepted node's own max-k and link (from its handshake)."""
+        cfg = self.config
+        coordinator = Coordinator(self.target, cfg, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
+        for name, info in infos.items():
+            gamma, k = coordinator.settings_for(name)
+            if "max-k" in info:
+                k = min(k, int(info["max-k"]))
+            coordinator.set_client_settings(name, gamma, k)
+            coordinator.set_client_link(name, float(info.get("uplink-mbps", cfg.uplink_mbps)),
+                                        float(info.get("rtt-ms", cfg.rtt_ms)))
+        return coordinator
+
+    def _submit(self, coordinator: Coordinator, items: list[tuple[int, Any, str | None]],
+                options: Mapping[int, Mapping[str, Any]]) -> dict[int, str]:
+        """Queue every prompt; returns the refused ones (index -> why): one bad prompt must not end the run."""
+        refused: dict[int, str] = {}
+        for index, prompt, owner in items:
+            try:
+                ids = encode_prompt(self.tokenizer, prompt, self.config.chat_template)
+                own = dict(options.get(index, {}))
+                coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None,
+                                   max_new_tokens=own.get("max_new_tokens"), stop=own.get("stop"),
+                                   temperature=own.get("temperature"), top_p=own.get("top_p"))
+            except (ValueError, TypeError) as exc:
+                refused[index] = str(exc)
+                log(WARNING, "prompt %d refused: %s", index, exc)
+        return refused
 
     # ---- the hooks of one round --------------------------------------------------------------
     def configure_draft(self, plan: RoundPlan) -> dict[str, Message]:
