@@ -234,11 +234,7 @@ class Coordinator:
         self.config = config
         self.vocab_size = target.vocab_size
         self.eos_token_ids = {int(t) for t in eos_token_ids}
-        self.weights = BiasAwareWeights(
-            WeightingConfig(
-                ema=config.weight_ema, sharpness=config.weight_sharpness, drop_below=config.weight_drop_below
-            )
-        )
+        self.weights = BiasAwareWeights(WeightingConfig.from_config(config))
         self.client_settings = dict(client_settings or {})
         self.client_links: dict[str, LinkProfile] = {}
         self.controllers: dict[str, AdaptiveController] = {}
