@@ -23,7 +23,8 @@ import torch
 
 from .client_core import DraftClient
 from .config import SpecFedConfig
-from .engine import Coordinator, GenerationResult, RoundReport
+from .coordinator import Coordinator
+from .round_report import GenerationResult, RoundReport
 from .pipeline import InFlight, run_rounds
 from .protocol import DraftRequest, RoundPlan
 from .target import TargetVerifier

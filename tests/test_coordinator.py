@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from specfed_flwr.config import SpecFedConfig
-from specfed_flwr.engine import Coordinator
+from specfed_flwr.coordinator import Coordinator
 from specfed_flwr.faults import Fault, FaultKind
 from specfed_flwr.specs import tiny_llama
 from specfed_flwr.target import TargetVerifier

@@ -183,7 +183,7 @@ def test_strategy_decode_types_every_fault():
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     from specfed_flwr.config import SpecFedConfig
-    from specfed_flwr.engine import Coordinator
+    from specfed_flwr.coordinator import Coordinator
     from specfed_flwr.specs import tiny_llama
     from specfed_flwr.strategies import SpecFedStrategy
     from specfed_flwr.target import TargetVerifier

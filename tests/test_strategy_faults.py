@@ -17,7 +17,7 @@ from hypothesis.extra import numpy as hnp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specfed_flwr.config import SpecFedConfig
-from specfed_flwr.engine import Coordinator
+from specfed_flwr.coordinator import Coordinator
 from specfed_flwr.faults import EventKind, FaultKind
 from specfed_flwr.strategies import SpecFedStrategy
 from specfed_flwr.target import TargetVerifier

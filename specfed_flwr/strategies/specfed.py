@@ -34,7 +34,8 @@ from flwr.serverapp.strategy import Strategy
 
 from ..config import SpecFedConfig
 from ..faults import EventKind, Fault, FaultKind
-from ..engine import Coordinator, GenerationResult, RoundReport, SequenceResult
+from ..coordinator import Coordinator
+from ..round_report import GenerationResult, RoundReport, SequenceResult
 from ..pipeline import InFlight, run_rounds
 from ..protocol import DraftRequest, RoundPlan
 from ..tokens import decode_texts, encode_prompt

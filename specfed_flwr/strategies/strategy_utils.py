@@ -23,7 +23,7 @@ from ..protocol import DraftRequest, RoundPlan
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
-    from ..engine import Coordinator
+    from ..coordinator import Coordinator
 
 
 def short_reason(reason: object, limit: int = 240) -> str:
