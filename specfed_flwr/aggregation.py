@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .config import SpecFedConfig
 from .sparse import (SparseQ, agreement as sparse_agreement, from_dense, mix, q_at, sample, stack, sum_min,
                      zeros as sparse_zeros)
 
@@ -47,11 +48,17 @@ SCHEMES = ("consensus", "pick", "vote")
 
 @dataclass
 class WeightingConfig:
-    ema: float = 0.3  # weight of the newest observation
+    """The weights' settings; the run's three come from ``SpecFedConfig`` (their one source)."""
+
+    ema: float = SpecFedConfig.weight_ema  # weight of the newest observation
     prior_agreement: float = 0.8
     prior_kept_mass: float = 1.0
-    sharpness: float = 2.0
-    drop_below: float = 0.05
+    sharpness: float = SpecFedConfig.weight_sharpness
+    drop_below: float = SpecFedConfig.weight_drop_below
+
+    @classmethod
+    def from_config(cls, config: SpecFedConfig) -> "WeightingConfig":
+        return cls(ema=config.weight_ema, sharpness=config.weight_sharpness, drop_below=config.weight_drop_below)
 
 
 @dataclass

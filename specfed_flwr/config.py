@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 from omegaconf import OmegaConf
 
@@ -20,14 +21,19 @@ class ConfigError(ValueError):
     """A configuration key has a value the run cannot use."""
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": ("collaborative", "per-device"),
-    "reconstruction": ("uniform", "temperature", "exact"),
-    "draft_sampling": ("sparse", "full"),
-    "draft_selection": ("auto", "consensus", "pick", "vote"),
-    "draft_quantization": ("int4", "int8", "none"),
-    "target_dtype": ("float32", "bfloat16", "float16"),
-}
+@dataclass(frozen=True)
+class Check:
+    """A bound on a config field's value, carried in its type (``Annotated[int, Check(...)]``):
+    ``validate`` refuses a value for which ``ok`` is false with "config key 'KEY': TEXT, got VALUE"."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+PositiveInt = Annotated[int, Check(lambda v: v >= 1, "must be a positive integer")]
+NonNegativeInt = Annotated[int, Check(lambda v: v >= 0, "must be >= 0")]
+Positive = Annotated[float, Check(lambda v: v > 0, "must be > 0")]
+NonNegative = Annotated[float, Check(lambda v: v >= 0, "must be >= 0")]
 
 
 #: the most cohorts a run keeps in flight (``pipeline-depth``)
@@ -36,58 +42,137 @@ MAX_PIPELINE_DEPTH = 8
 
 @dataclass
 class SpecFedConfig:
+    """The run configuration: the one source of every key's type, default and meaning.
+
+    ``conf/specfed.yaml`` (and its copy in the package), the ``[tool.flwr.app.config]`` table of
+    ``pyproject.toml`` and the key table of ``docs/CONFIG.md`` are generated from this class
+    (``python -m specfed_flwr.config --write``; ``tests/test_config_keys.py`` names any key that
+    drifts). Each field's docstring is its CONFIG.md meaning; ``Literal`` fields list their
+    choices, ``Annotated`` ones their bound.
+    """
+
     # models
     target: str = "default"
+    """target model: `default` (embedded SmolLM2-135M-Instruct, fp32), an HF hub id or local folder,
+    or `tiny:SEED[:VOCAB]` (random tiny Llama for tests)"""
     draft: str = "default"
-    draft_quantization: str = "int4"
+    """draft model for the devices (same forms; a SuperNode's `node_config` may choose its own)"""
+    draft_quantization: Literal["int4", "int8", "none"] = "int4"
+    """`int4` (int4 body + int8 head; the default: fastest draft here at the same acceptance, see
+    BENCHMARKS.md), `int8` or `none`: weight-only quantization of the draft's linear layers"""
     device: str = "auto"
-    target_dtype: str = "float32"
-    target_device_map: str = ""  # passed to from_pretrained (e.g. "auto"); "" = the whole target on ``device``
+    """target device: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`"""
+    target_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """the target's weights and compute: `float32`, `bfloat16` or `float16` (see *Reduced precision*
+    below). The draft's precision is `draft-quantization`"""
+    target_device_map: str = ""
+    """`""`: the whole target on `device`; otherwise passed to `from_pretrained(device_map=...)`:
+    `auto` (accelerate splits the target over the GPUs, then CPU), `balanced`, `balanced_low_0`,
+    `sequential`, `cpu`, `cuda[:N]`. Needs `accelerate` installed"""
     # protocol
-    mode: str = "collaborative"
-    top_k: int = 8
-    draft_length: int = 4
+    mode: Literal["collaborative", "per-device"] = "collaborative"
+    """`collaborative` (SpecFed: every device drafts every sequence, the server aggregates) or
+    `per-device` (TK-SLT: each device drafts its own requests)"""
+    top_k: PositiveInt = 8
+    """K, token ids + probabilities sent per drafted position"""
+    draft_length: NonNegativeInt = 4
+    """gamma, drafted positions per round (the starting value when `adaptive`)"""
     adaptive: bool = False
-    reconstruction: str = "exact"
-    draft_sampling: str = "sparse"
-    draft_selection: str = "auto"
+    """choose gamma and K per device from measured alpha, round cost and bandwidth (docs/THEORY.md)"""
+    reconstruction: Literal["uniform", "temperature", "exact"] = "exact"
+    """server-side q_hat rule: `uniform` (diffusion), `temperature` (scaling), `exact` (renormalised
+    top-K)"""
+    draft_sampling: Literal["sparse", "full"] = "sparse"
+    """`sparse`: devices sample from the top-K they send (exact); `full`: from the full q
+    (paper-faithful, biased by at most 1 - S per position)"""
+    draft_selection: Literal["auto", "consensus", "pick", "vote"] = "auto"
+    """how the server builds the draft path: `consensus` (server samples from q_bar: exact for any
+    rule), `pick` (a device's token, chosen by weight), `vote` (the token with the most weight
+    behind it per position; what greedy runs use); `auto` picks the exact scheme that fits"""
     draft_ahead: bool = True
+    """devices keep drafting between requests, guessing that every draft is accepted and that the
+    bonus token is their own next draft; a confirmed guess is served without a forward (hits and
+    misses per client in the summary). Exact in every mode: randomness is keyed by position"""
     pipeline_depth: str = "auto"
-    temperature: float = 0.0
+    """cohorts of active sequences in flight at once: while one cohort's drafts travel and devices
+    draft, the target verifies another. `1` = strict rounds; `auto` starts at 2 (one cohort verifies
+    while the other drafts) and adds cohorts to cover the transport's own latency: 2 + ceil(latency
+    / (verify + draft)), latency = exchange time minus drafting time (the least of the last 6
+    rounds), at most 4. With a fixed depth a sampled output is reproducible run to run"""
+    temperature: NonNegative = 0.0
+    """0 = greedy (output equals the target's greedy `generate`), > 0 = sampling at that temperature"""
     # the target's sampler (exact mode keeps its law: the server warps the target's logits the same way)
-    top_p: float = 1.0
-    top_k_sampling: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: str = ""  # a stop string, or a JSON list of them ('["\\n\\n", "END"]'); "" = none
+    top_p: Annotated[float, Check(lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)")] = 1.0
+    """nucleus sampling of the target's law, in (0, 1] (1 = off)"""
+    top_k_sampling: Annotated[int, Check(lambda v: v >= 0, "must be >= 0 (0 = off)")] = 0
+    """keep only the k most likely tokens of the target's law (0 = off). Not `top-k`, which is how
+    many ids a device sends per position"""
+    min_p: Annotated[float, Check(lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)")] = 0.0
+    """drop tokens whose probability is below min-p x the top one, in [0, 1) (0 = off)"""
+    repetition_penalty: Annotated[float, Check(lambda v: v > 0, "must be > 0 (1 = off)")] = 1.0
+    """CTRL penalty on every token already in the sequence, prompt included: a positive logit is
+    divided by it, a negative one multiplied (1 = off). Also applies in greedy mode, as in
+    `generate`"""
+    stop: str = ""
+    """a stop string, or a JSON list of them (`'["\\n\\n", "END"]'`); a sequence ends with the token
+    that completes one (finish reason `stop`). Needs the target's tokenizer"""
     seed: int = 0
+    """seed of the server's and devices' sampling"""
     # workload
-    max_new_tokens: int = 48
-    max_active_sequences: int = 16
+    max_new_tokens: PositiveInt = 48
+    """new tokens per prompt (also the per-request maximum)"""
+    max_active_sequences: PositiveInt = 16
+    """sequences decoded concurrently (each round carries all of them)"""
     prompts: str = "default"
+    """`default` (shipped set: chat, code, summarisation, QA), a `.jsonl` file of `{"prompt":
+    "..."}` or `{"prompt_ids": [token ids]}` records, or a text file (one per line)"""
     chat_template: bool = True
+    """wrap prompts in the tokenizer's chat template"""
     results: str = "results/specfed_results.jsonl"
+    """results file (one JSON line per finished sequence, flushed as it finishes)"""
     resume: bool = True
+    """skip prompts already in the results file"""
     # limits and faults
-    max_k: int = 64
-    max_gamma: int = 16
-    max_reply_bytes: int = 8_000_000
-    max_prompt_tokens: int = 4096
-    round_timeout: float = 60.0
-    handshake_timeout: float = 600.0
-    min_nodes: int = 1
-    node_wait_timeout: float = 120.0
-    max_missed_rounds: int = 3
+    max_k: PositiveInt = 64
+    """largest K a reply may carry (limits: enforced, counted in the summary's `limits`, logged the
+    first time)"""
+    max_gamma: PositiveInt = 16
+    """largest draft length a reply may carry"""
+    max_reply_bytes: PositiveInt = 8_000_000
+    """largest reply accepted"""
+    max_prompt_tokens: PositiveInt = 4096
+    """longest prompt accepted (a longer one is refused and listed in the summary's
+    `refused_prompts`; the others run)"""
+    round_timeout: Positive = 60.0
+    """seconds a round waits for replies; late replies are not waited for"""
+    handshake_timeout: Positive = 600.0
+    """seconds to wait for devices to load their drafts and answer the handshake"""
+    min_nodes: PositiveInt = 1
+    """wait for at least this many SuperNodes before starting"""
+    node_wait_timeout: Positive = 120.0
+    """...for at most this long"""
+    max_missed_rounds: PositiveInt = 3
+    """a device missing this many rounds in a row is deselected"""
     rejoin_after_rounds: int = 5
-    max_rounds: int = 100_000
+    """...and asked again after this many rounds (doubling, up to 64x, while its probes keep
+    failing); also how often a device whose weight collapsed is probed"""
+    max_rounds: PositiveInt = 100_000
+    """safety stop"""
     # bias-aware weights
-    weight_ema: float = 0.3
-    weight_sharpness: float = 2.0
+    weight_ema: Annotated[float, Check(lambda v: 0 < v <= 1, "must be in (0, 1]")] = 0.3
+    """weight of the newest measurement in the bias-aware weights"""
+    weight_sharpness: Positive = 2.0
+    """exponent of the weights (higher: trust the best device more)"""
     weight_drop_below: float = 0.05
+    """a device whose measured agreement falls below this gets weight 0"""
     # default link profile of a device (node_config may override per device)
-    uplink_mbps: float = 10.0
-    downlink_mbps: float = 50.0
-    rtt_ms: float = 20.0
+    uplink_mbps: Positive = 10.0
+    """default uplink bandwidth of a device, in Mbit/s (for accounting and the adaptive controller;
+    a device's `node_config` may override it)"""
+    downlink_mbps: Positive = 50.0
+    """default downlink bandwidth of a device, in Mbit/s (accounting)"""
+    rtt_ms: NonNegative = 20.0
+    """default round-trip time of a device, in ms (for accounting and the adaptive controller)"""
 
     @property
     def greedy(self) -> bool:
@@ -119,44 +204,21 @@ class SpecFedConfig:
         return self.draft_sampling == "sparse" and self.reconstruction == "exact"
 
     def validate(self) -> "SpecFedConfig":
-        for name, choices in _CHOICES.items():
+        """Refuse a value the run cannot use, with one line naming the key. Choices and bounds come
+        from the field types; what relates two keys is checked here."""
+        for name, hint in _HINTS.items():
             value = getattr(self, name)
-            if value not in choices:
+            choices = _choices(hint)
+            if choices is not None and value not in choices:
                 raise ConfigError(f"config key '{_kebab(name)}': {value!r} is not one of {', '.join(choices)}")
-        _positive_int(self, "top_k")
-        _positive_int(self, "max_new_tokens")
-        _positive_int(self, "max_active_sequences")
-        _positive_int(self, "max_k")
-        _positive_int(self, "max_gamma")
-        _positive_int(self, "max_reply_bytes")
-        _positive_int(self, "max_prompt_tokens")
-        _positive_int(self, "max_missed_rounds")
-        _positive_int(self, "max_rounds")
-        _positive_int(self, "min_nodes")
-        if self.draft_length < 0:
-            raise ConfigError(f"config key 'draft-length': must be >= 0, got {self.draft_length}")
+            for check in _checks(hint):
+                if not check.ok(value):
+                    raise ConfigError(f"config key '{_kebab(name)}': {check.text}, got {value}")
         if self.draft_length > self.max_gamma:
             raise ConfigError(f"config key 'draft-length': {self.draft_length} exceeds max-gamma {self.max_gamma}")
         if self.top_k > self.max_k:
             raise ConfigError(f"config key 'top-k': {self.top_k} exceeds max-k {self.max_k}")
-        if self.temperature < 0:
-            raise ConfigError(f"config key 'temperature': must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"config key 'top-p': must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.top_k_sampling < 0:
-            raise ConfigError(f"config key 'top-k-sampling': must be >= 0 (0 = off), got {self.top_k_sampling}")
-        if not 0 <= self.min_p < 1:
-            raise ConfigError(f"config key 'min-p': must be in [0, 1) (0 = off), got {self.min_p}")
         self.stop_strings()
-        if not self.repetition_penalty > 0:
-            raise ConfigError(f"config key 'repetition-penalty': must be > 0 (1 = off), got {self.repetition_penalty}")
-        if not 0 < self.weight_ema <= 1:
-            raise ConfigError(f"config key 'weight-ema': must be in (0, 1], got {self.weight_ema}")
-        if self.weight_sharpness <= 0:
-            raise ConfigError(f"config key 'weight-sharpness': must be > 0, got {self.weight_sharpness}")
-        for name in ("round_timeout", "handshake_timeout", "node_wait_timeout", "uplink_mbps", "downlink_mbps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"config key '{_kebab(name)}': must be > 0, got {getattr(self, name)}")
         if self.pipeline_depth != "auto":
             try:
                 depth = int(self.pipeline_depth)
@@ -170,8 +232,6 @@ class SpecFedConfig:
                 and not self.target_device_map.startswith("cuda"):
             raise ConfigError(f"config key 'target-device-map': {self.target_device_map!r} is not '' (none), auto, "
                               "balanced, balanced_low_0, sequential, cpu or cuda[:N]")
-        if self.rtt_ms < 0:
-            raise ConfigError(f"config key 'rtt-ms': must be >= 0, got {self.rtt_ms}")
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -200,17 +260,31 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _positive_int(cfg: SpecFedConfig, name: str) -> None:
-    if getattr(cfg, name) < 1:
-        raise ConfigError(f"config key '{_kebab(name)}': must be a positive integer, got {getattr(cfg, name)}")
-
-
 _FIELDS = {f.name: f for f in dataclasses.fields(SpecFedConfig)}
+_HINTS = typing.get_type_hints(SpecFedConfig, include_extras=True)
+
+
+def _base(hint: Any) -> type:
+    """The plain type a field holds: ``Annotated[int, ...]`` -> int, ``Literal["a", "b"]`` -> str."""
+    if typing.get_origin(hint) is Annotated:
+        return _base(typing.get_args(hint)[0])
+    if typing.get_origin(hint) is Literal:
+        return type(typing.get_args(hint)[0])
+    return hint
+
+
+def _choices(hint: Any) -> tuple[Any, ...] | None:
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def _checks(hint: Any) -> list[Check]:
+    if typing.get_origin(hint) is not Annotated:
+        return []
+    return [m for m in hint.__metadata__ if isinstance(m, Check)]
 
 
 def _coerce(name: str, value: Any) -> Any:
-    f = _FIELDS[name]
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    kind = _base(_HINTS[name]).__name__
     key = _kebab(name)
     try:
         if kind == "bool":

@@ -23,11 +23,13 @@ import torch
 
 from .client_core import DraftClient
 from .config import SpecFedConfig
-from .engine import Coordinator, GenerationResult, RoundReport
+from .coordinator import Coordinator
+from .round_report import GenerationResult, RoundReport
 from .pipeline import InFlight, run_rounds
 from .protocol import DraftRequest, RoundPlan
 from .target import TargetVerifier
 from .tokens import decode_texts, default_eos_ids, encode_prompt
+from .faults import Fault, FaultKind
 from .wire import WireFormatError, decode_reply, reply_to_arrays
 
 
@@ -96,11 +98,11 @@ class ThreadTransport:
         for name in flight.plan.requests:
             future: Future | None = flight.raw.get(name)
             if future is None:
-                faults[name] = "no reply within the round deadline"
+                faults[name] = Fault(FaultKind.DEADLINE, "no reply within the round deadline")
                 continue
             exc = future.exception()
             if exc is not None:  # a broken drafter must not end the run
-                faults[name] = f"error reply from the device: {type(exc).__name__}: {exc}"
+                faults[name] = Fault(FaultKind.ERROR_REPLY, f"error reply from the device: {type(exc).__name__}: {exc}")
                 continue
             replies[name], metrics[name], _ = future.result()
         return replies, metrics, faults
@@ -211,11 +213,11 @@ class ProcessTransport:
         for name in flight.plan.requests:
             raw = flight.raw.get(name)
             if raw is None:
-                faults[name] = "no reply within the round deadline"
+                faults[name] = Fault(FaultKind.DEADLINE, "no reply within the round deadline")
                 continue
             arrays, m, error = raw
             if error is not None:
-                faults[name] = f"error reply from the device: {error}"
+                faults[name] = Fault(FaultKind.ERROR_REPLY, f"error reply from the device: {error}")
                 continue
             try:
                 replies[name] = decode_reply(arrays, vocab_size=self.vocab_size, max_k=self.limits.max_k,
@@ -223,7 +225,7 @@ class ProcessTransport:
                                              client=f"device {name}")
                 metrics[name] = dict(m)
             except WireFormatError as exc:
-                faults[name] = str(exc)
+                faults[name] = Fault.from_exception(exc)
         return replies, metrics, faults
 
     def wait(self, seconds: float) -> None:

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 from .protocol import RoundPlan
 
 if TYPE_CHECKING:
-    from .engine import Coordinator, RoundReport
+    from .coordinator import Coordinator
+    from .round_report import RoundReport
 
 AUTO_START_DEPTH = 2
 AUTO_MAX_DEPTH = 4

@@ -7,11 +7,18 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from .faults import FaultKind
 from .protocol import DraftRequest
 from .wire import DraftReply, reply_to_arrays
 
 DRAFT_MESSAGE = "query.draft"
 HANDSHAKE_MESSAGE = "query.handshake"
+
+
+class MissingRecordError(KeyError):
+    """A draft reply message without its 'draft' array record (a fault of kind missing-record)."""
+
+    kind = FaultKind.MISSING_RECORD
 
 
 def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -56,7 +63,7 @@ def reply_content(reply: DraftReply | Mapping[str, np.ndarray], metrics: Mapping
 def reply_arrays(content: RecordDict) -> tuple[dict[str, Any], dict[str, Any]]:
     """The raw arrays and metrics of a draft reply (decoded and validated by ``wire.decode_reply``)."""
     if "draft" not in content.array_records:
-        raise KeyError("the reply has no 'draft' array record")
+        raise MissingRecordError("the reply has no 'draft' array record")
     arrays = {name: arr.numpy() for name, arr in content.array_records["draft"].items()}
     metrics = dict(content.metric_records["metrics"]) if "metrics" in content.metric_records else {}
     return arrays, metrics

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .engine import SequenceResult
+from .round_report import SequenceResult
 
 
 def prompt_key(index: int, prompt: Any) -> str:

@@ -17,16 +17,12 @@ Both used to live in two places (the Strategy's backoff, the Coordinator's probe
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from .faults import EventKind
+
 MAX_BACKOFF_DOUBLINGS = 6  # the wait grows to at most 2**6 = 64 x rejoin_after_rounds
-
-
-class RosterEvent(enum.Enum):
-    DESELECTED = "deselected"
-    REJOINED = "rejoined"
 
 
 @dataclass
@@ -67,7 +63,7 @@ class NodeRoster:
             out.append(name)
         return out
 
-    def observe(self, name: str, round_: int, ok: bool) -> tuple[RosterEvent, str] | None:
+    def observe(self, name: str, round_: int, ok: bool) -> tuple[EventKind, str] | None:
         """A round asked ``name`` and got a usable reply (``ok``) or not; returns what changed."""
         node = self._nodes.setdefault(name, _Node())
         if ok:
@@ -75,7 +71,7 @@ class NodeRoster:
             node.strikes = 0
             if node.benched_until is not None:
                 node.benched_until = None
-                return RosterEvent.REJOINED, "rejoined: replied in time to the probe"
+                return EventKind.REJOINED, "rejoined: replied in time to the probe"
             return None
         node.missed += 1
         probing = node.benched_until is not None  # a benched device's probe: one miss benches it again
@@ -87,4 +83,4 @@ class NodeRoster:
         what = "failed its probe" if probing and node.missed < self.max_missed_rounds else \
             f"{node.missed} missed rounds in a row"
         node.missed = 0
-        return RosterEvent.DESELECTED, f"deselected after {what}; probing again at round {node.benched_until}"
+        return EventKind.DESELECTED, f"deselected after {what}; probing again at round {node.benched_until}"

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import lambertw
 
+from .wire import bytes_per_position  # the wire format's own count (ids uint16 up to V = 65536)
+
 __all__ = [
     "acceptance_rate",
     "tv_distance",
@@ -36,7 +38,6 @@ __all__ = [
     "best_integer_gamma",
     "one_step_output_law",
     "alpha_from_counts",
-    "bytes_per_position",
     "LinkProfile",
     "ControllerConfig",
     "Decision",
@@ -266,13 +267,6 @@ def best_integer_gamma(alpha: float, a: float, b: float, gamma_max: int | None =
         if s > best_s * (1.0 + 1e-12):
             best, best_s = c, s
     return best
-
-
-def bytes_per_position(k: int, vocab_size: int) -> int:
-    """Uplink bytes of one drafted position: K * (id_bytes + 2) (float16 probabilities);
-    ids are uint16 when the vocabulary has < 65536 tokens, else int32."""
-    id_bytes = 2 if vocab_size < 65536 else 4
-    return int(k) * (id_bytes + 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from .engine import SequenceResult
+    from .round_report import SequenceResult
 
 
 def format_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:

@@ -128,20 +128,3 @@ def _q_row(q: SparseQ | torch.Tensor, rows: torch.Tensor, positions: torch.Tenso
     if isinstance(q, SparseQ):
         return densify(q[rows, positions])
     return q[rows, positions]
-
-
-def verify(
-    target: torch.Tensor,
-    draft_probs: SparseQ | torch.Tensor | None,
-    draft_tokens: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    greedy: bool,
-    generator: torch.Generator | None = None,
-) -> VerificationResult:
-    """Greedy path when ``greedy`` (``target`` may be logits), else the sampling path (``target`` = probabilities)."""
-    if greedy:
-        return verify_greedy(target, draft_tokens, lengths)
-    if draft_probs is None:
-        raise ValueError("sampling verification needs the draft distributions (SparseQ or dense)")
-    return verify_sampling(target, draft_probs, draft_tokens, lengths, generator)

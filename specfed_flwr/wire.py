@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from .faults import FaultKind
+
 __all__ = [
     "FIELDS",
     "ID_DTYPE_LARGE",
@@ -91,14 +93,15 @@ _MAX_VOCAB = int(np.iinfo(np.int32).max) + 1
 class WireFormatError(ValueError):
     """A draft reply that the server refuses; names the client, the field and the problem."""
 
-    def __init__(self, field: str, client: str, problem: str):
+    def __init__(self, field: str, client: str, problem: str, kind: FaultKind = FaultKind.WIRE_FORMAT):
         self.field = str(field)
         self.client = str(client)
         self.problem = str(problem)
+        self.kind = FaultKind(kind)  # the fault this stands for (a limit's own kind, else wire-format)
         super().__init__(f"reply from {self.client}: field '{self.field}': {self.problem}")
 
     def __reduce__(self):  # picklable across processes (Ray actors, subprocesses)
-        return (type(self), (self.field, self.client, self.problem))
+        return (type(self), (self.field, self.client, self.problem, self.kind))
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -358,17 +361,20 @@ def _decode(
         total = sum(sizes.values())
         if total > max_bytes:
             parts = ", ".join(f"{n} {s}" for n, s in sizes.items())
-            raise WireFormatError("payload", client, f"{total} bytes ({parts}) exceeds max_bytes={max_bytes}")
+            raise WireFormatError("payload", client, f"{total} bytes ({parts}) exceeds max_bytes={max_bytes}",
+                                  kind=FaultKind.LIMIT_MAX_REPLY_BYTES)
 
     b, g, k = _check_shapes(got, client)
     if g > max_gamma:
-        raise WireFormatError("token_ids", client, f"G={g} positions exceeds max_gamma={max_gamma}")
+        raise WireFormatError("token_ids", client, f"G={g} positions exceeds max_gamma={max_gamma}",
+                              kind=FaultKind.LIMIT_MAX_GAMMA)
     if k < 1:
         raise WireFormatError("token_ids", client, f"K={k} slots; at least 1 (the drafted token) is needed")
     if k > v:
         raise WireFormatError("token_ids", client, f"K={k} slots exceeds vocab_size={v}")
     if k > max_k:
-        raise WireFormatError("token_ids", client, f"K={k} slots exceeds max_k={max_k}")
+        raise WireFormatError("token_ids", client, f"K={k} slots exceeds max_k={max_k}",
+                              kind=FaultKind.LIMIT_MAX_K)
     if expected_k is not None and k != expected_k:
         raise WireFormatError("token_ids", client, f"K={k} slots, expected K={expected_k}")
     if b > MAX_BATCH:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from specfed_flwr.config import SpecFedConfig
-from specfed_flwr.engine import Coordinator
+from specfed_flwr.coordinator import Coordinator
+from specfed_flwr.faults import Fault, FaultKind
 from specfed_flwr.specs import tiny_llama
 from specfed_flwr.target import TargetVerifier
 from specfed_flwr.wire import make_reply, payload_bytes
@@ -114,7 +115,7 @@ def test_empty_draft_and_silent_client_still_advance_one_target_token(model):
     requests = coordinator.plan_round(["c", "silent"])
     report = coordinator.complete_round({"c": client.reply(requests["c"], {})})
     assert (report.drafted, report.accepted, report.emitted) == (0, 0, 2)
-    assert report.faults == {"silent": "no reply"}
+    assert report.faults == {"silent": Fault(FaultKind.DEADLINE, "no reply")}
     assert (report.clients_asked, report.clients_replied) == (2, 1)
     assert report.alpha is None
     for seq_id, prompt in zip((a, b), PROMPTS):
@@ -150,7 +151,8 @@ def test_garbage_and_malformed_clients_never_change_the_output(model):
             replies["liar"] = fake
         report = coordinator.complete_round(replies)
         if "liar" in requests:
-            assert "not asked for" in report.faults["liar"]
+            assert "not asked for" in report.faults["liar"].reason
+            assert report.faults["liar"].kind is FaultKind.PROTOCOL
         assert rounds < 20
     for seq_id, prompt in zip((a, b), PROMPTS):
         assert _generated(coordinator, seq_id, prompt) == greedy(model, prompt, 10)
@@ -213,3 +215,68 @@ def test_sampling_round_is_consistent(model, rule):
     assert report.emitted == report.accepted + 2
     assert report.alpha is not None and 0.0 <= report.alpha <= 1.0 + 1e-6
     assert sum(len(_generated(coordinator, s, p)) for s, p in zip((a, b), PROMPTS)) == report.emitted
+
+
+# ---- faults and limits: each path yields its typed kind ------------------------------------------
+
+def test_faults_are_counted_by_their_typed_kind_and_limits_by_key(model):
+    """A transport's typed fault, a reply answering another question (protocol) and a missing
+    reply (deadline) each land in the summary under their own kind; a limit kind also counts the
+    limit. A plain-string fault is refused: its kind must be decided where it was seen."""
+    coordinator, (a, b) = _coordinator(model)
+    client = FakeClient()
+    requests = coordinator.plan_round(["ok", "late", "over", "liar"])
+    liar = make_reply([999], [1], [[[1, 2, 3, 4]]], [[[0.5, 0.1, 0.1, 0.1]]], VOCAB)
+    over = Fault(FaultKind.LIMIT_MAX_K, "reply from over: field 'token_ids': K=99 slots exceeds max_k=8")
+    report = coordinator.complete_round({"ok": client.reply(requests["ok"], {}), "liar": liar},
+                                        faults={"over": over})
+    assert {c: f.kind for c, f in report.faults.items()} == {
+        "late": FaultKind.DEADLINE, "over": FaultKind.LIMIT_MAX_K, "liar": FaultKind.PROTOCOL}
+    summary = coordinator.summary(1.0)
+    assert summary["faults"] == {"late": {"deadline": 1}, "over": {"limit:max-k": 1}, "liar": {"protocol": 1}}
+    assert summary["limits"]["max_k"]["hits"] == 1 and summary["limits"]["max_gamma"]["hits"] == 0
+    coordinator.plan_round(["ok"])
+    with pytest.raises(TypeError, match="not a faults.Fault"):
+        coordinator.complete_round({}, faults={"ok": "no reply"})
+
+
+@pytest.mark.parametrize("kind, limit", [(FaultKind.LIMIT_MAX_K, "max_k"), (FaultKind.LIMIT_MAX_GAMMA, "max_gamma"),
+                                         (FaultKind.LIMIT_MAX_REPLY_BYTES, "max_reply_bytes")])
+def test_each_limit_kind_counts_its_own_limit(model, kind, limit):
+    assert kind.limit == limit
+    coordinator, _ = _coordinator(model)
+    coordinator.plan_round(["c"])
+    coordinator.complete_round({}, faults={"c": Fault(kind, "refused")})
+    hits = {name: entry["hits"] for name, entry in coordinator.limits().items()}
+    assert hits[limit] == 1 and sum(hits[k] for k in ("max_k", "max_gamma", "max_reply_bytes")) == 1
+
+
+def test_missed_rounds_deselect_then_the_probe_rejoins_as_typed_events(model):
+    """max-missed-rounds in a row bench a client (event ``deselected``); its probe after
+    rejoin-after-rounds that answers brings it back (``rejoined``)."""
+    coordinator, _ = _coordinator(model, max_new_tokens=12, max_missed_rounds=2, rejoin_after_rounds=2)
+    client = FakeClient()
+    asked = []
+    for _ in range(6):
+        requests = coordinator.plan_round(["flaky"])
+        asked.append("flaky" in requests)
+        replies = {"flaky": client.reply(requests["flaky"], {})} if "flaky" in requests and len(asked) > 2 else {}
+        coordinator.complete_round(replies)
+    # rounds 1-2 missed -> benched at round 2 until round 4; round 4 probe answers
+    assert asked[:4] == [True, True, False, True]
+    kinds = coordinator.summary(1.0)["faults"]["flaky"]
+    assert kinds == {"deadline": 2, "deselected": 1, "rejoined": 1}
+
+
+def test_engine_shim_forwards_the_patches_bench_probe_makes():
+    """``bench.Probe`` patches ``engine.verify_greedy`` & co.; the round's steps look them up in
+    ``round_steps``, so the shim must forward the assignment (until the probe patches round_steps)."""
+    from specfed_flwr import engine, round_steps
+
+    original = round_steps.verify_greedy
+    try:
+        engine.verify_greedy = marker = lambda *a, **k: None  # noqa: E731
+        assert round_steps.verify_greedy is marker
+    finally:
+        engine.verify_greedy = original
+    assert round_steps.verify_greedy is original and engine.Coordinator is Coordinator

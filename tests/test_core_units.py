@@ -148,18 +148,29 @@ def test_select_path_drops_disagreeing_clients_and_votes():
 
 
 def test_select_path_stops_when_nobody_agrees():
+    """Two clients that disagree with each other (tokens 1 vs 3, then 2 vs 4) and whose q_hat at
+    position 0 both put all mass on token 5, which neither drafted: consensus draws 5 from q_bar,
+    no client's own prefix matches the path any more, so both drop out and the path stops after
+    that one position although both drafted two.
+
+    Verified to fail: with the drop-out line of ``select_draft_path``
+    (``active = active & (drafted_j == token.unsqueeze(1))``) removed, the path runs on to
+    length 2."""
     v = 8
-    tokens = torch.tensor([[[1, 2], [3, 4]]])
+    tokens = torch.tensor([[[1, 2], [3, 4]]])  # B=1, C=2, G=2
     q = torch.zeros(1, 2, 2, v)
-    q[0, 0, :, 1] = 1.0
-    q[0, 1, :, 3] = 1.0
-    q[0, 0, 1, :] = 0
+    q[0, :, 0, 5] = 1.0  # position 0: every q_hat on token 5
     q[0, 0, 1, 2] = 1.0
-    q[0, 1, 1, :] = 0
     q[0, 1, 1, 4] = 1.0
-    # consensus with all weight on client 0 draws token 1, client 1 drops, path continues with client 0 only
-    path = select_draft_path(tokens, q, torch.tensor([[2, 2]]), torch.tensor([1.0, 0.0]), "consensus")
-    assert path.tokens[0].tolist() == [1, 2]
+    lengths = torch.tensor([[2, 2]])
+    path = select_draft_path(tokens, q, lengths, torch.tensor([0.5, 0.5]), "consensus", torch.Generator().manual_seed(0))
+    assert int(path.lengths[0]) == 1 and int(path.tokens[0, 0]) == 5
+    # both drafted position 0 from the path's prefix; neither drafted position 1 from it
+    assert prefix_match(tokens, lengths, path.tokens, path.lengths)[0].tolist() == [[True, False], [True, False]]
+    # vote always follows a drafted token: the heavier client wins and the path runs its whole draft
+    path = select_draft_path(tokens, q, lengths, torch.tensor([0.6, 0.4]), "vote")
+    assert path.tokens[0].tolist() == [1, 2] and int(path.lengths[0]) == 2
+    # nobody drafted at all: an empty path
     path = select_draft_path(tokens, q, torch.tensor([[0, 0]]), torch.tensor([1.0, 1.0]), "pick")
     assert int(path.lengths[0]) == 0
 

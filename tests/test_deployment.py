@@ -307,7 +307,7 @@ def test_measured_round_cost_lengthens_adaptive_drafts() -> None:
     runs to max-gamma (the verdict would then depend on how loaded the machine is)."""
     from specfed_flwr.client_core import DraftClient
     from specfed_flwr.config import SpecFedConfig
-    from specfed_flwr.engine import Coordinator
+    from specfed_flwr.coordinator import Coordinator
     from specfed_flwr.proposer import HFDraftProposer
     from specfed_flwr.target import TargetVerifier
 

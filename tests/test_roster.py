@@ -3,7 +3,8 @@ collapsed-weight probe, and rejoining."""
 
 from __future__ import annotations
 
-from specfed_flwr.roster import NodeRoster, RosterEvent
+from specfed_flwr.faults import EventKind
+from specfed_flwr.roster import NodeRoster
 
 
 def test_a_node_is_benched_after_missed_rounds_and_rejoins_when_its_probe_answers():
@@ -11,11 +12,11 @@ def test_a_node_is_benched_after_missed_rounds_and_rejoins_when_its_probe_answer
     roster.add(["a", "b"])
     assert roster.observe("a", 1, ok=False) is None
     kind, text = roster.observe("a", 2, ok=False)
-    assert kind is RosterEvent.DESELECTED and "probing again at round 7" in text
+    assert kind is EventKind.DESELECTED and "probing again at round 7" in text
     assert roster.selectable(3) == ["b"] and roster.selectable(6) == ["b"]
     assert roster.selectable(7) == ["a", "b"]  # the probe
     kind, _ = roster.observe("a", 7, ok=True)
-    assert kind is RosterEvent.REJOINED and not roster.is_benched("a")
+    assert kind is EventKind.REJOINED and not roster.is_benched("a")
     assert roster.selectable(8) == ["a", "b"]
 
 

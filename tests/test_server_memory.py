@@ -86,7 +86,7 @@ def measure(clients: int, temperature: float, reconstruction: str, rounds: int =
     import torch
 
     from specfed_flwr.config import SpecFedConfig
-    from specfed_flwr.engine import Coordinator
+    from specfed_flwr.coordinator import Coordinator
     from specfed_flwr.specs import tiny_llama
     from specfed_flwr.target import TargetVerifier
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
+from specfed_flwr.wire import bytes_per_position
 from specfed_flwr.theory import (
     AdaptiveController,
     ControllerConfig,
@@ -16,7 +17,6 @@ from specfed_flwr.theory import (
     acceptance_rate,
     alpha_from_counts,
     best_integer_gamma,
-    bytes_per_position,
     expected_tokens_per_step,
     one_step_output_law,
     optimal_gamma,
@@ -238,6 +238,7 @@ def test_alpha_from_counts_and_bytes():
         alpha_from_counts(0, 0)
     assert bytes_per_position(8, 49152) == 32
     assert bytes_per_position(8, 128256) == 48
+    assert bytes_per_position(8, 65536) == 32  # ids 0..65535 still fit uint16 (the old theory copy said 48)
 
 
 def test_alpha_mle_from_simulated_rounds():

@@ -33,15 +33,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..config import SpecFedConfig
-from ..engine import Coordinator, GenerationResult, RoundReport, SequenceResult
+from ..faults import EventKind, Fault, FaultKind
+from ..coordinator import Coordinator
+from ..round_report import GenerationResult, RoundReport, SequenceResult
 from ..pipeline import InFlight, run_rounds
 from ..protocol import DraftRequest, RoundPlan
 from ..tokens import decode_texts, encode_prompt
 from ..records import DRAFT_MESSAGE, HANDSHAKE_MESSAGE, config_record, reply_arrays, request_content
 from ..target import TargetVerifier
 from ..wire import WireFormatError, decode_reply
-from .strategy_utils import (GridTransport, NodeProcesses, draft_error_fault, no_reply_reason, note_state_lost,
-                             short_reason)
+from .strategy_utils import GridTransport, NodeProcesses, error_reply_fault, note_state_lost, short_reason
 
 
 @dataclass
@@ -177,7 +178,7 @@ class SpecFedStrategy(Strategy):
             if reply is None:
                 excluded[name] = "no handshake reply before the deadline"
             elif reply.has_error():
-                if no_reply_reason(reply) is not None:
+                if error_reply_fault(reply, self.config.handshake_timeout).kind is FaultKind.DEADLINE:
                     excluded[name] = f"no handshake reply before the deadline ({short_reason(reply.error.reason, 80)})"
                 else:
                     excluded[name] = f"handshake failed on the device: {short_reason(reply.error.reason)}"
@@ -253,27 +254,9 @@ class SpecFedStrategy(Strategy):
         nodes = self._wait_for_nodes(grid)
         log(INFO, "%d node(s) connected; handshaking", len(nodes))
         infos, excluded = self.handshake(grid, nodes) if nodes else ({}, {})
-        coordinator = Coordinator(self.target, cfg, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
-        for name, info in infos.items():
-            gamma, k = coordinator.settings_for(name)
-            if "max-k" in info:
-                k = min(k, int(info["max-k"]))
-            coordinator.set_client_settings(name, gamma, k)
-            coordinator.set_client_link(name, float(info.get("uplink-mbps", cfg.uplink_mbps)),
-                                        float(info.get("rtt-ms", cfg.rtt_ms)))
-
+        coordinator = self._coordinator_for(infos)
         items = self._prompt_items(prompts, indices, infos)
-        refused: dict[int, str] = {}
-        for index, prompt, owner in items:
-            try:
-                ids = encode_prompt(self.tokenizer, prompt, cfg.chat_template)
-                own = dict((options or {}).get(index, {}))
-                coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None,
-                                   max_new_tokens=own.get("max_new_tokens"), stop=own.get("stop"),
-                                   temperature=own.get("temperature"), top_p=own.get("top_p"))
-            except (ValueError, TypeError) as exc:  # one bad prompt must not end the run
-                refused[index] = str(exc)
-                log(WARNING, "prompt %d refused: %s", index, exc)
+        refused = self._submit(coordinator, items, options or {})
         log(INFO, "%d sequence(s) queued, %d active at most; %d node(s) drafting", len(items), cfg.max_active_sequences, len(infos))
 
         processes = NodeProcesses(simulation=type(grid).__name__ == "InMemoryGrid")
@@ -308,7 +291,7 @@ class SpecFedStrategy(Strategy):
         summary = coordinator.summary(wall)
         summary["excluded"] = excluded
         for name, reason in excluded.items():
-            summary["faults"].setdefault(name, {})["handshake-refused"] = 1
+            summary["faults"].setdefault(name, {})[EventKind.HANDSHAKE_REFUSED.value] = 1
         summary["refused_prompts"] = refused
         summary["draft_loads"] = {
             n: max(int(info.get("draft_loads") or 0), int(last_metrics.get(n, {}).get("draft_loads", 0)))
@@ -328,6 +311,35 @@ class SpecFedStrategy(Strategy):
             faults={c: s.faults for c, s in coordinator.client_stats.items() if s.faults},
         )
 
+    def _coordinator_for(self, infos: dict[str, dict[str, Any]]) -> Coordinator:
+        """A Coordinator that knows each accepted node's own max-k and link (from its handshake)."""
+        cfg = self.config
+        coordinator = Coordinator(self.target, cfg, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer)
+        for name, info in infos.items():
+            gamma, k = coordinator.settings_for(name)
+            if "max-k" in info:
+                k = min(k, int(info["max-k"]))
+            coordinator.set_client_settings(name, gamma, k)
+            coordinator.set_client_link(name, float(info.get("uplink-mbps", cfg.uplink_mbps)),
+                                        float(info.get("rtt-ms", cfg.rtt_ms)))
+        return coordinator
+
+    def _submit(self, coordinator: Coordinator, items: list[tuple[int, Any, str | None]],
+                options: Mapping[int, Mapping[str, Any]]) -> dict[int, str]:
+        """Queue every prompt; returns the refused ones (index -> why): one bad prompt must not end the run."""
+        refused: dict[int, str] = {}
+        for index, prompt, owner in items:
+            try:
+                ids = encode_prompt(self.tokenizer, prompt, self.config.chat_template)
+                own = dict(options.get(index, {}))
+                coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None,
+                                   max_new_tokens=own.get("max_new_tokens"), stop=own.get("stop"),
+                                   temperature=own.get("temperature"), top_p=own.get("top_p"))
+            except (ValueError, TypeError) as exc:
+                refused[index] = str(exc)
+                log(WARNING, "prompt %d refused: %s", index, exc)
+        return refused
+
     # ---- the hooks of one round --------------------------------------------------------------
     def configure_draft(self, plan: RoundPlan) -> dict[str, Message]:
         """One ``query.draft`` message per node of the plan. ttl = the round deadline: a device that
@@ -343,7 +355,7 @@ class SpecFedStrategy(Strategy):
 
     def aggregate_draft(
         self, requests: dict[str, DraftRequest], raw: dict[str, Message]
-    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Fault]]:
         """Validate every reply of a round: (valid replies, metrics, faults). An invalid reply
         becomes a fault of that node, never an exception."""
         cfg = self.config
@@ -351,11 +363,11 @@ class SpecFedStrategy(Strategy):
         for name in requests:
             message = raw.get(name)
             if message is None:
-                faults[name] = f"no reply within the {cfg.round_timeout:g} s round deadline"
+                faults[name] = Fault(FaultKind.DEADLINE, f"no reply within the {cfg.round_timeout:g} s round deadline")
                 continue
             try:
                 if message.has_error():
-                    faults[name] = draft_error_fault(message, cfg.round_timeout)
+                    faults[name] = error_reply_fault(message, cfg.round_timeout)
                     continue
                 arrays, m = reply_arrays(message.content)
                 replies[name] = decode_reply(
@@ -364,9 +376,9 @@ class SpecFedStrategy(Strategy):
                 )
                 metrics[name] = m
             except WireFormatError as exc:
-                faults[name] = str(exc)
+                faults[name] = Fault.from_exception(exc)
             except Exception as exc:  # anything a device sends must not end the run
-                faults[name] = short_reason(f"{type(exc).__name__}: {exc}")
+                faults[name] = Fault.from_exception(exc, short_reason(f"{type(exc).__name__}: {exc}"))
         return replies, metrics, faults
 
     decode_replies = aggregate_draft  # the name tests and older callers use

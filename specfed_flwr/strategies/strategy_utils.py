@@ -16,13 +16,14 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from ..faults import EventKind, Fault, FaultKind
 from ..pipeline import InFlight
 from ..protocol import DraftRequest, RoundPlan
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
-    from ..engine import Coordinator
+    from ..coordinator import Coordinator
 
 
 def short_reason(reason: object, limit: int = 240) -> str:
@@ -38,29 +39,22 @@ def short_reason(reason: object, limit: int = 240) -> str:
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
-#: Flower error codes that mean "no reply came" (the node is gone, or the message or its reply
-#: expired in the SuperLink: requests carry ttl = the deadline), as opposed to a device error
-_NO_REPLY_CODES = {
-    ErrorCode.MESSAGE_UNAVAILABLE: "expired",
-    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "expired",
-    ErrorCode.NODE_UNAVAILABLE: "the SuperLink reports the node unavailable",
-}
+#: Flower error codes that mean "no reply came" (the message or its reply expired in the SuperLink:
+#: requests carry ttl = the deadline; or the node is gone), as opposed to a device error
+_EXPIRED_CODES = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+_GONE_CODES = (ErrorCode.NODE_UNAVAILABLE,)
 
 
-def no_reply_reason(message: Message) -> str | None:
-    """Why an error reply means that no reply came (expired, node gone), or None for a device error.
-    The one mapping of Flower's error codes, for handshake and draft replies alike."""
-    return _NO_REPLY_CODES.get(int(getattr(message.error, "code", -1)))
-
-
-def draft_error_fault(message: Message, deadline_s: float) -> str:
-    """The fault a draft error reply stands for."""
-    why = no_reply_reason(message)
-    if why is None:
-        return f"error reply from the device: {short_reason(message.error.reason)}"
-    if why == "expired":  # the request (ttl = the deadline) or its reply expired in the SuperLink
-        return f"no reply within the {deadline_s:g} s round deadline (expired)"
-    return f"no reply: {why}"
+def error_reply_fault(message: Message, deadline_s: float, what: str = "round") -> Fault:
+    """The fault an error reply stands for: the one mapping of Flower's error codes, for
+    handshake and draft replies alike. Expired or node gone -> ``DEADLINE``; anything else is
+    the device's own error -> ``ERROR_REPLY``."""
+    code = int(getattr(message.error, "code", -1))
+    if code in _EXPIRED_CODES:
+        return Fault(FaultKind.DEADLINE, f"no reply within the {deadline_s:g} s {what} deadline (expired)")
+    if code in _GONE_CODES:
+        return Fault(FaultKind.DEADLINE, "no reply: the SuperLink reports the node unavailable")
+    return Fault(FaultKind.ERROR_REPLY, f"error reply from the device: {short_reason(message.error.reason)}")
 
 
 class GridTransport:
@@ -149,7 +143,7 @@ class NodeProcesses:
             if self.changes[name] == 1 and not self.simulation:
                 coordinator.note_event(name, f"answered from a new process (pid {previous} -> {pid}): its device "
                                              "runtime restarted, or it runs a new ClientApp process per message; "
-                                             "resending whole sequences", "restarted")
+                                             "resending whole sequences", EventKind.RESTARTED)
             elif name not in self.ephemeral:
                 self.ephemeral.add(name)
                 if self.simulation:

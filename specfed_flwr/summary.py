@@ -1,0 +1,70 @@
+"""The run's summary: the numbers of the summary table, folded from the round reports and client stats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .round_report import ClientStats, RoundReport, SequenceResult
+from .wire import DraftReply, full_distribution_bytes
+
+
+def topk_bytes(reply: DraftReply) -> int:
+    """The top-K part of a reply: K ids + K probabilities per drafted position (no header, no padding)."""
+    per_slot = reply.token_ids.dtype.itemsize + reply.probs.dtype.itemsize
+    return int(reply.lengths.sum()) * int(reply.token_ids.shape[-1]) * per_slot
+
+
+def summarize(
+    finished: list[SequenceResult],
+    rounds: list[RoundReport],
+    client_stats: dict[str, ClientStats],
+    vocab_size: int,
+    wall_seconds: float,
+    weights: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Aggregate metrics of a run (the summary table's numbers)."""
+    tokens = sum(len(r.token_ids) for r in finished)
+    drafted = sum(r.drafted for r in rounds)
+    accepted = sum(r.accepted for r in rounds)
+    seq_steps = sum(r.active_sequences for r in rounds)
+    alphas = [(r.alpha, r.drafted) for r in rounds if r.alpha is not None and r.drafted]
+    uplink = sum(r.uplink_bytes for r in rounds)
+    downlink = sum(r.downlink_bytes for r in rounds)
+    positions = sum(s.positions for s in client_stats.values())
+    uplink_payload = sum(s.uplink_bytes for s in client_stats.values())
+    per_position = uplink_payload / positions if positions else None
+    topk = sum(s.topk_bytes for s in client_stats.values())
+    topk_per_position = topk / positions if positions and topk else None
+    return {
+        "sequences": len(finished),
+        "tokens": tokens,
+        "rounds": len(rounds),
+        "wall_seconds": wall_seconds,
+        "tokens_per_s": tokens / wall_seconds if wall_seconds > 0 else None,
+        "seconds_per_round": wall_seconds / len(rounds) if rounds else None,
+        "alpha": sum(a * n for a, n in alphas) / sum(n for _, n in alphas) if alphas else None,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "tau": (accepted + seq_steps) / seq_steps if seq_steps else None,
+        "drafted_positions": drafted,
+        "accepted": accepted,
+        "uplink_bytes": uplink,
+        "downlink_bytes": downlink,
+        "uplink_bytes_per_token": uplink / tokens if tokens else None,
+        # all-in: every uplink byte (headers and padding included) over the positions drafted
+        "uplink_bytes_per_position": per_position,
+        # the top-K distribution alone, what replaces one dense distribution per position
+        "topk_bytes_per_position": topk_per_position,
+        "compression_vs_fp32": full_distribution_bytes(vocab_size, "float32") / topk_per_position if topk_per_position else None,
+        "compression_vs_fp16": full_distribution_bytes(vocab_size, "float16") / topk_per_position if topk_per_position else None,
+        "compression_vs_fp32_all_in": full_distribution_bytes(vocab_size, "float32") / per_position if per_position else None,
+        "verify_seconds": sum(r.verify_seconds for r in rounds),
+        "clients": {c: s.as_dict() for c, s in client_stats.items()},
+        "proactive_hits": sum(s.proactive_hits for s in client_stats.values()),
+        "proactive_misses": sum(s.proactive_misses for s in client_stats.values()),
+        # per client: fault kind -> count, plus what the server did about it (events)
+        "faults": {
+            c: {**s.fault_kinds, **s.event_kinds}
+            for c, s in client_stats.items() if s.fault_kinds or s.event_kinds
+        },
+        "weights": weights or {},
+    }
