@@ -30,6 +30,10 @@ class DraftMetrics:
     downlink_bytes: int
     proactive_hits: int = 0  # rows whose drafts were already there (drafted ahead) when this request came
     proactive_misses: int = 0  # rows whose drafts made ahead were dropped (the delta differed)
+    # seconds this device had no request to serve between its previous reply and this request
+    # (drafting ahead counts as idle: it is optional work); ~0 when requests queue at the device,
+    # i.e. it is the bottleneck and more cohorts in flight cannot keep it busier (``pipeline``)
+    idle_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -39,6 +43,7 @@ class DraftMetrics:
             "downlink_bytes": self.downlink_bytes,
             "proactive_hits": self.proactive_hits,
             "proactive_misses": self.proactive_misses,
+            "idle_seconds": self.idle_seconds,
         }
 
 
@@ -52,8 +57,11 @@ class DraftClient:
         self._ahead: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._last_reply: float | None = None  # perf_counter() when the previous reply was ready
 
     def handle(self, request: DraftRequest) -> tuple[DraftReply, DraftMetrics]:
+        arrived = time.perf_counter()
+        idle = 0.0 if self._last_reply is None else max(0.0, arrived - self._last_reply)
         request.validate(self.proposer.vocab_size)
         self.stop_ahead()
         with self._lock:
@@ -87,11 +95,13 @@ class DraftClient:
             downlink_bytes=request.nbytes(),
             proactive_hits=after["proactive_hits"] - before["proactive_hits"],
             proactive_misses=after["proactive_misses"] - before["proactive_misses"],
+            idle_seconds=idle,
         )
         if self.draft_ahead:
             rows = [int(s) for s, g in zip(request.seq_ids.tolist(), gammas) if g > 0]
             if rows:
                 self._start_ahead(rows, max(gammas) + 1)
+        self._last_reply = time.perf_counter()
         return reply, metrics
 
     def _start_ahead(self, seq_ids: list[int], extra: int) -> None:

@@ -12,11 +12,13 @@ as on Flower's engines; only the transport differs:
 
 from __future__ import annotations
 
+import enum
 import multiprocessing as mp
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -117,6 +119,43 @@ class ThreadTransport:
             pool.shutdown(wait=True)
 
 
+@dataclass(frozen=True)
+class WorkerRequest:
+    """Server -> device process: one client's draft request (``DraftRequest.arrays()`` / ``config()``)."""
+
+    client: str
+    arrays: dict[str, Any]
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WorkerReply:
+    """Device process -> server: one client's reply arrays and metrics, or the error it raised
+    (``error``; the server records it as that client's ``error-reply`` fault)."""
+
+    client: str
+    arrays: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    error: str | None = None
+
+
+class WorkerControl(str, enum.Enum):
+    """Control messages of the device process: READY (sent once, with its pid, after the draft
+    loaded), RESET (forget every sequence before a new run; echoed back), STOP (exit)."""
+
+    READY = "ready"
+    RESET = "reset"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """The device process's answer to a control message: which one, and its pid."""
+
+    control: WorkerControl
+    pid: int
+
+
 def _device_process(conn, names: list[str], settings: dict[str, Any], cpus: list[int] | None, threads: int) -> None:
     """A device process: load the draft once (``device.DeviceRuntime``), then serve requests."""
     if cpus is not None and hasattr(os, "sched_setaffinity"):
@@ -128,24 +167,23 @@ def _device_process(conn, names: list[str], settings: dict[str, Any], cpus: list
     try:
         for name in names:
             runtime.handshake(("local", name), settings)
-        conn.send(("ready", os.getpid()))
+        conn.send(WorkerStatus(WorkerControl.READY, os.getpid()))
         while True:
             message = conn.recv()
-            if message is None:
+            if message == WorkerControl.STOP:
                 break
-            if message == "reset":  # a new run: sequence ids start again, so no state may survive
+            if message == WorkerControl.RESET:  # a new run: sequence ids start again, so no state may survive
                 runtime.stop_drafting_ahead()
                 for name in names:
                     runtime.handshake(("local", name), settings)
-                conn.send(("reset", os.getpid()))
+                conn.send(WorkerStatus(WorkerControl.RESET, os.getpid()))
                 continue
-            name, arrays, config = message
             try:
-                request = DraftRequest.from_parts(arrays, config)
-                reply, metrics = runtime.draft(("local", name), settings, request)
-                conn.send((name, reply_to_arrays(reply), metrics, None))
+                request = DraftRequest.from_parts(message.arrays, message.config)
+                reply, metrics = runtime.draft(("local", message.client), settings, request)
+                conn.send(WorkerReply(message.client, reply_to_arrays(reply), metrics))
             except Exception as exc:  # noqa: BLE001 - becomes this client's fault on the server
-                conn.send((name, None, None, f"{type(exc).__name__}: {exc}"))
+                conn.send(WorkerReply(message.client, None, None, f"{type(exc).__name__}: {exc}"))
     finally:
         runtime.stop_drafting_ahead()
         conn.close()
@@ -174,16 +212,17 @@ class ProcessTransport:
         if not self._conn.poll(start_timeout):
             self.close()
             raise RuntimeError(f"the device process did not start within {start_timeout:g} s")
-        tag, self.pid = self._conn.recv()
+        status: WorkerStatus = self._conn.recv()
+        self.pid = status.pid
         self._queue: list[tuple[int, str]] = []  # (round, client) in the order sent: the process answers in order
         self._flights: dict[int, InFlight] = {}
 
     def reset(self) -> None:
         """Forget every sequence on the device side (called before each run)."""
-        self._conn.send("reset")
+        self._conn.send(WorkerControl.RESET)
         while True:  # replies of rounds a previous run left in flight come first
             message = self._conn.recv()
-            if len(message) == 2 and message[0] == "reset":
+            if isinstance(message, WorkerStatus) and message.control == WorkerControl.RESET:
                 break
         self._queue.clear()
         self._flights.clear()
@@ -193,18 +232,18 @@ class ProcessTransport:
         flight = InFlight(plan, now, now + timeout, set(plan.requests))
         self._flights[plan.round] = flight
         for name, request in plan.requests.items():
-            self._conn.send((name, request.arrays(), request.config()))
+            self._conn.send(WorkerRequest(name, request.arrays(), request.config()))
             self._queue.append((plan.round, name))
         return flight
 
     def pull(self, flights: list[InFlight]) -> None:
         while self._queue and self._conn.poll():
-            name, arrays, metrics, error = self._conn.recv()
+            reply: WorkerReply = self._conn.recv()
             round_, expected = self._queue.pop(0)
             flight = self._flights.get(round_)
             if flight is None:
                 continue
-            flight.raw[expected] = (arrays, metrics, error)
+            flight.raw[expected] = reply
             flight.arrivals[expected] = time.perf_counter()
 
     def decode(self, flight: InFlight):
@@ -215,15 +254,14 @@ class ProcessTransport:
             if raw is None:
                 faults[name] = Fault(FaultKind.DEADLINE, "no reply within the round deadline")
                 continue
-            arrays, m, error = raw
-            if error is not None:
-                faults[name] = Fault(FaultKind.ERROR_REPLY, f"error reply from the device: {error}")
+            if raw.error is not None:
+                faults[name] = Fault(FaultKind.ERROR_REPLY, f"error reply from the device: {raw.error}")
                 continue
             try:
-                replies[name] = decode_reply(arrays, vocab_size=self.vocab_size, max_k=self.limits.max_k,
+                replies[name] = decode_reply(raw.arrays, vocab_size=self.vocab_size, max_k=self.limits.max_k,
                                              max_gamma=self.limits.max_gamma, max_bytes=self.limits.max_reply_bytes,
                                              client=f"device {name}")
-                metrics[name] = dict(m)
+                metrics[name] = dict(raw.metrics or {})
             except WireFormatError as exc:
                 faults[name] = Fault.from_exception(exc)
         return replies, metrics, faults
@@ -233,7 +271,7 @@ class ProcessTransport:
 
     def close(self) -> None:
         try:
-            self._conn.send(None)
+            self._conn.send(WorkerControl.STOP)
         except (OSError, BrokenPipeError):
             pass
         self._proc.join(timeout=10)

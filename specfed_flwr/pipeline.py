@@ -15,8 +15,11 @@ its own cohort's sequences with the target, exactly as a strict round would.
 3. **verify**: the oldest round, once its replies are all in or its deadline passed, is decoded
    and handed to ``Coordinator.complete_round`` (which also tells the roster who answered). Then
    the loop goes back to 1, so that this cohort's next request leaves before anything else;
-4. **depth**: with ``pipeline-depth=auto`` two cohorts (one verifying while the other drafts),
-   plus enough to cover the transport's own latency: ``2 + ceil(latency / (verify + draft))``,
+4. **depth**: with ``pipeline-depth=auto`` two cohorts (one verifying while the other drafts);
+   exactly two while the devices are saturated (their requests queue: the median wait a device
+   reports between its reply and the next request is under a quarter of a verify), since more
+   cohorts would only split their batches; otherwise two plus enough to cover the transport's own
+   latency: ``2 + ceil(latency / (verify + draft))``,
    latency = exchange time minus the devices' drafting time (the least of the last rounds: queueing
    behind another cohort is not latency more cohorts could hide), cycle = verify + draft (their
    median), at most ``AUTO_MAX_DEPTH``. More cohorts than that only shrink every verify batch: the devices draft
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
 AUTO_START_DEPTH = 2
 AUTO_MAX_DEPTH = 4
 AUTO_WINDOW = 6  # rounds whose exchange/verify times the auto depth looks at
+#: a device whose median wait for its next request is below this fraction of a verify counts as
+#: saturated (``DepthController.devices_saturated``): a deeper pipeline cannot keep it busier
+SATURATED_IDLE_FRACTION = 0.25
 
 
 @dataclass
@@ -95,19 +101,37 @@ class DepthController:
         self.depth = fixed if fixed is not None else AUTO_START_DEPTH
         self._exchange: list[float] = []
         self._verify: list[float] = []
+        self._idle: list[float] = []
 
-    def observe(self, exchange_seconds: float, verify_seconds: float, draft_seconds: float = 0.0) -> int:
+    def observe(self, exchange_seconds: float, verify_seconds: float, draft_seconds: float = 0.0,
+                device_idle_seconds: float | None = None) -> int:
+        """One verified round: its exchange time, the server's time on it, the devices' drafting
+        time and (when the devices report it) how long the busiest device had waited for it."""
         if self.fixed is not None:
             return self.depth
         self._exchange = (self._exchange + [max(0.0, exchange_seconds - draft_seconds)])[-AUTO_WINDOW:]
         self._verify = (self._verify + [verify_seconds + draft_seconds])[-AUTO_WINDOW:]
+        if device_idle_seconds is not None:
+            self._idle = (self._idle + [device_idle_seconds])[-AUTO_WINDOW:]
         if len(self._exchange) >= 3:
+            if self.devices_saturated(verify_seconds):
+                # requests queue at the devices: they are the bottleneck, and more cohorts would
+                # only split their batches (a draft step at batch 16 costs far less than 4 at 4)
+                self.depth = AUTO_START_DEPTH
+                return self.depth
             # the least latency seen: a round that queued behind another cohort at the device
             # looks slower, but more cohorts would only make it queue longer
             latency = min(self._exchange)
             cycle = max(statistics.median(self._verify), 1e-3)
             self.depth = max(AUTO_START_DEPTH, min(AUTO_MAX_DEPTH, AUTO_START_DEPTH + math.ceil(latency / cycle - 1e-9)))
         return self.depth
+
+    def devices_saturated(self, verify_seconds: float) -> bool:
+        """Whether the devices' recent requests found them without a gap worth filling: their
+        median wait for a request is under a quarter of a verify (``SATURATED_IDLE_FRACTION``)."""
+        if len(self._idle) < 3:
+            return False
+        return statistics.median(self._idle) < SATURATED_IDLE_FRACTION * max(statistics.median(self._verify), 1e-3)
 
 
 def run_rounds(
@@ -161,7 +185,9 @@ def run_rounds(
                                             round_seconds=exchange, plan=flight.plan)
         # 4. depth
         drafting = max((float(m.get("draft_seconds", 0.0)) for m in metrics.values()), default=0.0)
-        coordinator.set_depth(control.observe(exchange, report.server_seconds, drafting))
+        idles = [float(m["idle_seconds"]) for m in metrics.values() if "idle_seconds" in m]
+        # the busiest device (least idle) decides whether devices are the bottleneck
+        coordinator.set_depth(control.observe(exchange, report.server_seconds, drafting, min(idles) if idles else None))
         if after_round is not None:
             after_round(report, flight, metrics)
     return control

@@ -119,6 +119,47 @@ def test_auto_depth_covers_the_transport_latency_only():
     assert fixed.depth == 3
 
 
+def test_auto_depth_stays_at_two_while_the_devices_are_saturated():
+    """Requests that queue at the device (it reports ~no wait between its reply and the next
+    request) mean the devices are the bottleneck: the same latency that would add cohorts does
+    not, because more cohorts only split the devices' batches. A device that waits again lets
+    the latency rule add them back."""
+    control = DepthController(None)
+    for _ in range(6):
+        control.observe(exchange_seconds=0.8, verify_seconds=0.3, draft_seconds=0.2, device_idle_seconds=0.01)
+    assert control.devices_saturated(0.3) and control.depth == 2
+    for _ in range(6):
+        control.observe(exchange_seconds=0.8, verify_seconds=0.3, draft_seconds=0.2, device_idle_seconds=0.4)
+    assert not control.devices_saturated(0.3) and control.depth == 4
+    # devices that do not report their wait: the latency rule alone, as before
+    blind = DepthController(None)
+    for _ in range(6):
+        blind.observe(exchange_seconds=0.8, verify_seconds=0.3, draft_seconds=0.2)
+    assert blind.depth == 4
+
+
+def test_draft_client_reports_its_wait_between_requests():
+    """``idle_seconds``: 0 for the first request, then the time since the previous reply."""
+    import time as _time
+
+    from specfed_flwr.client_core import DraftClient
+    from specfed_flwr.protocol import DraftRequest
+    from specfed_flwr.proposer import HFDraftProposer
+    from specfed_flwr.specs import load_target_spec
+
+    draft = load_target_spec("tiny:1", "cpu").model
+    client = DraftClient(HFDraftProposer(draft, vocab_size=1024))
+    settings = dict(k=2, temperature=0.0, sampling="sparse", seed=0)
+    first = DraftRequest.build([(1, 0, [5, 6, 7], 2)], round=1, **settings)
+    _, m1 = client.handle(first)
+    assert m1.idle_seconds == 0.0
+    _time.sleep(0.2)
+    second = DraftRequest.build([(1, 3, [9], 2)], round=2, **settings)
+    _, m2 = client.handle(second)
+    assert 0.2 <= m2.idle_seconds < 5.0
+    assert m2.as_dict()["idle_seconds"] == m2.idle_seconds
+
+
 # ---- sampling: the target's own law at a fixed prefix -------------------------------------------
 
 SMALL_V = 6
