@@ -27,6 +27,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "draft_selection": ("auto", "consensus", "pick", "vote"),
     "draft_quantization": ("int4", "int8", "none"),
     "target_dtype": ("float32", "bfloat16", "float16"),
+    "uplink_encoding": ("auto", "fixed-k", "budgeted", "budgeted-compact"),
 }
 
 
@@ -53,6 +54,10 @@ class SpecFedConfig:
     draft_selection: str = "auto"
     draft_ahead: bool = True
     pipeline_depth: str = "auto"
+    # how a reply travels (wire.py): auto = budgeted-compact with 1 slot per position in greedy runs,
+    # fixed-k in sampling runs without a budget, budgeted-compact with one
+    uplink_encoding: str = "auto"
+    uplink_budget: float = 0.0  # bytes per drafted position on average, all-in; 0 = off (top-k slots each)
     temperature: float = 0.0
     # the target's sampler (exact mode keeps its law: the server warps the target's logits the same way)
     top_p: float = 1.0
@@ -106,6 +111,14 @@ class SpecFedConfig:
     def stop_strings(self) -> list[str]:
         """``stop`` as a list: "" -> none, a JSON list of strings, else the one string."""
         return parse_stop(self.stop, "stop")
+
+    def encoding(self) -> str:
+        """``uplink-encoding`` resolved: ``auto`` -> budgeted-compact in greedy runs (the drafted
+        token and its probability are all greedy verification and the weights use) and in sampling
+        runs with an ``uplink-budget``; fixed-k otherwise (sampling without a budget, as before)."""
+        if self.uplink_encoding != "auto":
+            return self.uplink_encoding
+        return "budgeted-compact" if self.greedy or self.uplink_budget > 0 else "fixed-k"
 
     def depth(self) -> int | None:
         """``pipeline-depth`` as a number, or None for ``auto``."""
@@ -170,6 +183,14 @@ class SpecFedConfig:
                 and not self.target_device_map.startswith("cuda"):
             raise ConfigError(f"config key 'target-device-map': {self.target_device_map!r} is not '' (none), auto, "
                               "balanced, balanced_low_0, sequential, cpu or cuda[:N]")
+        if not self.uplink_budget >= 0:
+            raise ConfigError(f"config key 'uplink-budget': must be >= 0 (0 = off), got {self.uplink_budget}")
+        if self.uplink_budget > 0 and self.uplink_encoding == "fixed-k":
+            raise ConfigError("config key 'uplink-budget': a budget needs a variable-K uplink-encoding "
+                              "(budgeted, budgeted-compact or auto), not fixed-k")
+        if self.encoding() == "budgeted-compact" and self.max_gamma > 255:
+            raise ConfigError(f"config key 'max-gamma': {self.max_gamma} exceeds 255, the most positions a "
+                              "budgeted-compact reply carries per sequence (uint8 lengths)")
         if self.rtt_ms < 0:
             raise ConfigError(f"config key 'rtt-ms': must be >= 0, got {self.rtt_ms}")
         return self

@@ -35,7 +35,8 @@ from .target import TargetVerifier
 from .theory import AdaptiveController, ControllerConfig, LinkProfile
 from .sampling import SamplingSettings, path_seen, penalize, warped_probs
 from .verification import VerificationResult, verify_greedy, verify_sampling
-from .wire import DraftReply, full_distribution_bytes, payload_bytes
+from .wire import (MAX_COUNT, DraftReply, WireFormatError, check_budget, distribution_bytes, full_distribution_bytes,
+                   payload_bytes)
 
 log = logging.getLogger("specfed_flwr")
 
@@ -204,6 +205,8 @@ class ClientStats:
             "rounds_replied": self.rounds_replied,
             "positions": self.positions,
             "uplink_bytes": self.uplink_bytes,
+            # every uplink byte of this client (headers, counts, padding) over the positions it drafted
+            "bytes_per_position_all_in": self.uplink_bytes / self.positions if self.positions else None,
             "topk_bytes": self.topk_bytes,
             "downlink_bytes": self.downlink_bytes,
             "draft_seconds": self.draft_seconds,
@@ -521,6 +524,20 @@ class Coordinator:
                 sequences=max(1, int(reply.batch_size)),
             )
 
+    def uplink_for(self, k: int) -> tuple[str, float, int]:
+        """(encoding, budget, slots cap per position) of a request whose K is ``k``: fixed-k sends k
+        slots; a budget lets a sampling position use up to min(max-k, 255) slots within it; else k
+        (at most 255). In greedy runs a variable-K device sends 1 slot whatever the cap (see
+        ``proposer.py``): the drafted token and its probability, all greedy verification and the
+        weights use."""
+        cfg = self.config
+        encoding = cfg.encoding()
+        if encoding == "fixed-k":
+            return encoding, 0.0, k
+        if cfg.uplink_budget > 0 and not cfg.greedy:
+            return encoding, float(cfg.uplink_budget), min(cfg.max_k, MAX_COUNT, self.vocab_size)
+        return encoding, 0.0, min(k, MAX_COUNT)
+
     def set_client_settings(self, client: str, gamma: int, k: int) -> None:
         self.client_settings[client] = (int(gamma), int(k))
 
@@ -549,6 +566,7 @@ class Coordinator:
             if client not in allowed:
                 continue
             gamma, k = self.settings_for(client)
+            encoding, budget, k = self.uplink_for(k)
             entries = []
             for seq in self._drafts_for(client, seqs):
                 g = max(0, min(gamma, seq.remaining - 1))
@@ -569,6 +587,8 @@ class Coordinator:
                 top_p=self.config.top_p,
                 min_p=self.config.min_p,
                 repetition_penalty=self.config.repetition_penalty,
+                encoding=encoding,
+                budget=budget,
             )
         plan = RoundPlan(round=self.round, cohort=cohort, seq_ids=[s.seq_id for s in seqs], requests=requests,
                          committed={s.seq_id: len(s.committed) for s in seqs})
@@ -614,6 +634,10 @@ class Coordinator:
                 return f"sequence {seq_id}: drafted {length} positions, asked for {asked[seq_id]}"
         if reply.k > request.k:
             return f"reply has K={reply.k} slots, asked for {request.k}"
+        try:
+            check_budget(reply, request.budget, int(request.gammas.max(initial=1)), self.vocab_size, client)
+        except WireFormatError as exc:
+            return str(exc)
         return None
 
     def complete_round(
@@ -776,7 +800,8 @@ class Coordinator:
                 continue
             ids = torch.from_numpy(reply.token_ids[r_idx, j_idx].astype(np.int64))  # [N, K_r]
             probs = torch.from_numpy(reply.probs[r_idx, j_idx].astype(np.float32))  # [N, K_r]
-            q_hat = reconstruct_sparse(ids, probs, v, self.config.reconstruction)  # batch [N], M = K_r
+            counts = None if reply.counts is None else torch.from_numpy(reply.counts[r_idx, j_idx].astype(np.int64))  # [N]
+            q_hat = reconstruct_sparse(ids, probs, v, self.config.reconstruction, counts)  # batch [N], M = K_r
             at_b, at_j = torch.from_numpy(rows[r_idx]), torch.from_numpy(j_idx)  # [N], [N]
             tokens[at_b, ci, at_j] = ids[:, 0]
             q.ids[at_b, ci, at_j, : ids.shape[1]] = q_hat.ids
@@ -940,8 +965,7 @@ class Coordinator:
 
 
 def _topk_bytes(reply: DraftReply) -> int:
-    per_slot = reply.token_ids.dtype.itemsize + reply.probs.dtype.itemsize
-    return int(reply.lengths.sum()) * int(reply.token_ids.shape[-1]) * per_slot
+    return distribution_bytes(reply)
 
 
 def summarize(
@@ -982,6 +1006,7 @@ def summarize(
         "uplink_bytes_per_token": uplink / tokens if tokens else None,
         # all-in: every uplink byte (headers and padding included) over the positions drafted
         "uplink_bytes_per_position": per_position,
+        "bytes_per_position_all_in": per_position,
         # the top-K distribution alone, what replaces one dense distribution per position
         "topk_bytes_per_position": topk_per_position,
         "compression_vs_fp32": full_distribution_bytes(vocab_size, "float32") / topk_per_position if topk_per_position else None,

@@ -399,8 +399,8 @@ def make_reply(seq_ids, lengths, token_ids, probs, vocab_size: int, *, client: s
     are refused before casting, never wrapped. Raises :class:`WireFormatError`.
 
     ``encoding`` (``ENCODINGS``): how the reply will travel. In the variable-K encodings
-    ``counts`` [B, G] gives the slots each position sends (default: up to its last positive
-    probability); ``budgeted-compact`` puts every probability on the code table (nearest code), so
+    ``counts`` [B, G] gives the slots each position sends (default: slot 0 and every slot with
+    a positive probability after the cast, in their order); ``budgeted-compact`` puts every probability on the code table (nearest code), so
     a device that samples from the returned ``probs`` samples from what the server reconstructs.
     """
     if encoding not in ENCODINGS:
@@ -457,9 +457,14 @@ def _make_variable(seq, lens, tok_out, pr_out, pr, mask, v, encoding, counts, cl
         if g > MAX_COUNT:
             raise WireFormatError("lengths", client, f"G={g} positions; budgeted-compact lengths are uint8 (<= {MAX_COUNT})")
     if counts is None:
+        # a slot whose probability is (or rounds to) zero is not sent: the positive slots move up
+        # (slot 0, the drafted token, stays; a bad slot-0 value is left for the decoder to name)
         positive = pr_out > 0  # [B, G, K]
-        last = np.where(positive.any(axis=2), k - np.argmax(positive[:, :, ::-1], axis=2), 1)  # [B, G]
-        cnt = np.where(mask, last, 0)
+        positive[:, :, 0] = True
+        order = np.argsort(~positive, axis=2, kind="stable")  # [B, G, K] positive slots first
+        tok_out[:] = np.take_along_axis(tok_out, order, axis=2)
+        pr_out[:] = np.take_along_axis(pr_out, order, axis=2)
+        cnt = np.where(mask, positive.sum(axis=2), 0)
     else:
         cnt = _integers(counts, "counts", client, np.dtype(np.int64))
         if cnt.shape != (b, g):
