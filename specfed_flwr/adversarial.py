@@ -33,9 +33,16 @@ class RandomDraftProposer(DraftProposer):
     def forget(self, seq_id: int) -> None:
         self._known.pop(seq_id, None)
 
-    def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0, warp=None) -> DraftReply:
+    def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0, warp=None,
+                encoding="fixed-k", budget=0.0) -> DraftReply:
         b = len(seq_ids)
         k = min(int(k), self.vocab_size)
+        if encoding != "fixed-k":
+            from .wire import MAX_COUNT, slot_allowance
+
+            k = min(k, MAX_COUNT)  # counts are uint8
+            if budget > 0:  # stay within the budget (the server checks it)
+                k = max(1, min(k, int(slot_allowance(budget, encoding, self.vocab_size, max(gammas, default=1)))))
         g = max([int(x) for x in gammas], default=0)
         ids = np.zeros((b, g, k), dtype=np.int64)
         probs = np.zeros((b, g, k), dtype=np.float32)
@@ -45,4 +52,5 @@ class RandomDraftProposer(DraftProposer):
                 raw = self.rng.random(k) + (5.0 * (np.arange(k) == 0) if self.confident else 0.0)
                 probs[row, j] = raw / raw.sum() * (0.99 if self.confident else self.rng.random())
                 probs[row, j, 0] = max(probs[row, j, 0], 1e-3)
-        return make_reply(np.array(seq_ids, dtype=np.int64), np.array(gammas, dtype=np.int32), ids, probs, self.vocab_size)
+        return make_reply(np.array(seq_ids, dtype=np.int64), np.array(gammas, dtype=np.int32), ids, probs, self.vocab_size,
+                          encoding=encoding)

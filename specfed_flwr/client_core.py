@@ -47,6 +47,14 @@ class DraftMetrics:
         }
 
 
+def _uplink_kwargs(request: DraftRequest) -> dict:
+    """The reply's encoding and budget, passed only when they differ from the fixed-K default (a
+    proposer written before the variable-K encodings keeps working in fixed-K runs)."""
+    if request.encoding == "fixed-k" and not request.budget:
+        return {}
+    return {"encoding": request.encoding, "budget": request.budget}
+
+
 class DraftClient:
     def __init__(self, proposer: DraftProposer, max_k: int | None = None, max_gamma: int | None = None, *,
                  draft_ahead: bool = False):
@@ -85,6 +93,7 @@ class DraftClient:
                 round_=request.round,
                 warp=SamplingSettings(top_k=request.top_k_sampling, top_p=request.top_p, min_p=request.min_p,
                                       repetition_penalty=request.repetition_penalty),
+                **_uplink_kwargs(request),
             )
             elapsed = time.perf_counter() - start
             after = self.proposer.stats

@@ -74,7 +74,8 @@ class SpecFedConfig:
     """`collaborative` (SpecFed: every device drafts every sequence, the server aggregates) or
     `per-device` (TK-SLT: each device drafts its own requests)"""
     top_k: PositiveInt = 8
-    """K, token ids + probabilities sent per drafted position"""
+    """K, token ids + probabilities sent per drafted position (fixed K; with `uplink-budget` the
+    per-position cap is min(`max-k`, 255) instead; greedy runs with a variable-K encoding send 1)"""
     draft_length: NonNegativeInt = 4
     """gamma, drafted positions per round (the starting value when `adaptive`)"""
     adaptive: bool = False
@@ -98,7 +99,26 @@ class SpecFedConfig:
     draft, the target verifies another. `1` = strict rounds; `auto` starts at 2 (one cohort verifies
     while the other drafts) and adds cohorts to cover the transport's own latency: 2 + ceil(latency
     / (verify + draft)), latency = exchange time minus drafting time (the least of the last 6
-    rounds), at most 4. With a fixed depth a sampled output is reproducible run to run"""
+    rounds), at most 4, and exactly 2 while the devices are saturated (their requests queue at
+    them). With a fixed depth a sampled output is reproducible run to run"""
+    uplink_encoding: Literal["auto", "fixed-k", "budgeted", "budgeted-compact"] = "auto"
+    """how a reply travels (docs/DESIGN.md, wire format): `fixed-k` (K uint16/int32 ids + K float16
+    probabilities per position, 12 B per sequence of header), `budgeted` (a uint8 count per position,
+    then only the slots it sends, float16), `budgeted-compact` (as budgeted, probabilities as uint8
+    codes in the log domain, 16 steps per halving, 1.0 down to 1.7e-5; header 8 B + 3 B per
+    sequence). `auto` = `budgeted-compact` in greedy runs (one slot per position: the drafted token
+    and its probability, all greedy verification and the weights use; about 5 B per position all-in
+    at 12 sequences x gamma 4) and in sampling runs with an `uplink-budget`; `fixed-k` in sampling
+    runs without one. Exact in every mode: a device samples from exactly the (quantised) values it
+    sends. `budgeted-compact` needs `max-gamma` <= 255"""
+    uplink_budget: NonNegative = 0.0
+    """bytes per drafted position on average, all-in (headers and counts included for one sequence
+    drafting gamma positions; more sequences spend less); `0` = off (`top-k` slots per position).
+    Devices water-fill: every position sends its drafted token, the other slots go to the largest
+    probabilities of the positions drafted for the reply (each removes that much missing mass 1 - S),
+    none to a position whose missing mass is <= 2^-10. The server refuses a reply with more than
+    max(1, (budget - 1 - header / gamma) / slot bytes) slots per drafted position. Needs a variable-K
+    `uplink-encoding` (`auto` picks `budgeted-compact`)"""
     temperature: NonNegative = 0.0
     """0 = greedy (output equals the target's greedy `generate`), > 0 = sampling at that temperature"""
     # the target's sampler (exact mode keeps its law: the server warps the target's logits the same way)
@@ -192,6 +212,14 @@ class SpecFedConfig:
         """``stop`` as a list: "" -> none, a JSON list of strings, else the one string."""
         return parse_stop(self.stop, "stop")
 
+    def encoding(self) -> str:
+        """``uplink-encoding`` resolved: ``auto`` -> budgeted-compact in greedy runs (the drafted
+        token and its probability are all greedy verification and the weights use) and in sampling
+        runs with an ``uplink-budget``; fixed-k otherwise (sampling without a budget, as before)."""
+        if self.uplink_encoding != "auto":
+            return self.uplink_encoding
+        return "budgeted-compact" if self.greedy or self.uplink_budget > 0 else "fixed-k"
+
     def depth(self) -> int | None:
         """``pipeline-depth`` as a number, or None for ``auto``."""
         return None if self.pipeline_depth == "auto" else int(self.pipeline_depth)
@@ -232,6 +260,12 @@ class SpecFedConfig:
                 and not self.target_device_map.startswith("cuda"):
             raise ConfigError(f"config key 'target-device-map': {self.target_device_map!r} is not '' (none), auto, "
                               "balanced, balanced_low_0, sequential, cpu or cuda[:N]")
+        if self.uplink_budget > 0 and self.uplink_encoding == "fixed-k":
+            raise ConfigError("config key 'uplink-budget': a budget needs a variable-K uplink-encoding "
+                              "(budgeted, budgeted-compact or auto), not fixed-k")
+        if self.encoding() == "budgeted-compact" and self.max_gamma > 255:
+            raise ConfigError(f"config key 'max-gamma': {self.max_gamma} exceeds 255, the most positions a "
+                              "budgeted-compact reply carries per sequence (uint8 lengths)")
         return self
 
     def as_dict(self) -> dict[str, Any]:

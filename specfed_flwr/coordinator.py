@@ -34,7 +34,7 @@ from .sampling import SamplingSettings
 from .summary import summarize, topk_bytes
 from .target import TargetVerifier
 from .theory import AdaptiveController, ControllerConfig, LinkProfile
-from .wire import DraftReply, payload_bytes
+from .wire import MAX_COUNT, DraftReply, WireFormatError, check_budget, payload_bytes
 
 log = logging.getLogger("specfed_flwr")
 
@@ -252,6 +252,20 @@ class Coordinator(Cohorts, RoundSteps):
                 sequences=max(1, int(reply.batch_size)),
             )
 
+    def uplink_for(self, k: int) -> tuple[str, float, int]:
+        """(encoding, budget, slots cap per position) of a request whose K is ``k``: fixed-k sends k
+        slots; a budget lets a sampling position use up to min(max-k, 255) slots within it; else k
+        (at most 255). In greedy runs a variable-K device sends 1 slot whatever the cap (see
+        ``proposer.py``): the drafted token and its probability, all greedy verification and the
+        weights use."""
+        cfg = self.config
+        encoding = cfg.encoding()
+        if encoding == "fixed-k":
+            return encoding, 0.0, k
+        if cfg.uplink_budget > 0 and not cfg.greedy:
+            return encoding, float(cfg.uplink_budget), min(cfg.max_k, MAX_COUNT, self.vocab_size)
+        return encoding, 0.0, min(k, MAX_COUNT)
+
     def set_client_settings(self, client: str, gamma: int, k: int) -> None:
         self.client_settings[client] = (int(gamma), int(k))
 
@@ -280,6 +294,7 @@ class Coordinator(Cohorts, RoundSteps):
             if client not in allowed:
                 continue
             gamma, k = self.settings_for(client)
+            encoding, budget, k = self.uplink_for(k)
             entries = []
             for seq in self._drafts_for(client, seqs):
                 g = max(0, min(gamma, seq.remaining - 1))
@@ -300,6 +315,8 @@ class Coordinator(Cohorts, RoundSteps):
                 top_p=self.config.top_p,
                 min_p=self.config.min_p,
                 repetition_penalty=self.config.repetition_penalty,
+                encoding=encoding,
+                budget=budget,
             )
         plan = RoundPlan(round=self.round, cohort=cohort, seq_ids=[s.seq_id for s in seqs], requests=requests,
                          committed={s.seq_id: len(s.committed) for s in seqs})
@@ -333,8 +350,15 @@ class Coordinator(Cohorts, RoundSteps):
 
     def _check_reply(self, client: str, reply: DraftReply) -> Fault | None:
         """A well-formed reply that does not answer what was asked: a ``PROTOCOL`` fault."""
-        problem = self._reply_mismatch(self._planned[client], reply)
-        return None if problem is None else Fault(FaultKind.PROTOCOL, problem)
+        request = self._planned[client]
+        problem = self._reply_mismatch(request, reply)
+        if problem is not None:
+            return Fault(FaultKind.PROTOCOL, problem)
+        try:  # a variable-K reply over the byte budget it was asked to keep
+            check_budget(reply, request.budget, int(request.gammas.max(initial=1)), self.vocab_size, client)
+        except WireFormatError as exc:
+            return Fault.from_exception(exc)
+        return None
 
     @staticmethod
     def _reply_mismatch(request: DraftRequest, reply: DraftReply) -> str | None:

@@ -18,6 +18,21 @@ batch of sequences and returns the compact top-K reply, ``forget`` frees a seque
 The drafted token is moved to slot 0 (see docs/DESIGN.md, wire format). Sampling is by inverse
 CDF from one uniform per row, so a whole batch is sampled in one vectorised call.
 
+**Per-position K under a byte budget** (``uplink-budget``, variable-K encodings of ``wire.py``).
+The budget becomes an allowance of ``a`` slots per drafted position (``wire.slot_allowance``).
+``water_fill`` spends a step's slots where they buy the most kept mass: every row keeps its
+top-1, then the largest remaining probabilities over all rows of the step are added (each one
+is exactly the missing mass 1 - S it removes), skipping a row once its missing mass is at most
+``ONE_HOT_MISSING`` (nearly one-hot rows keep their bytes). Slots a step leaves unspent carry
+to the next step of the same reply (the positions drafted in one ``propose`` all travel
+together), so a reply never carries more than ``max(1, a)`` slots per position on average.
+Positions drafted ahead may end up in a reply with other rows, so they are capped per row at
+``floor(max(1, a))`` instead. In greedy runs a variable-K reply carries one slot per position
+(the drafted token, i.e. the argmax, and its probability): greedy verification needs only the
+token, the agreement weights the token and its probability. ``budgeted-compact`` rounds the kept probabilities to the wire's
+uint8 log-domain code table *before* sampling, so in ``sparse`` mode the drafted token comes from
+exactly the renormalised values the server decodes (the ``exact`` rule stays lossless).
+
 Randomness is keyed by position: the uniform that samples position ``p`` of sequence ``s`` is
 ``position_uniform(seed, s, p)``. A reply therefore does not depend on batching, on the round
 number or on whether the position was drafted ahead of time. Reusing the uniform of a position
@@ -53,9 +68,13 @@ import torch
 from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, check_supported, forward_with_cache,
                       rollback_cache, supports_padded_batching)
 from .sampling import SamplingSettings, seen_mask, warped_probs
-from .wire import DraftReply, make_reply
+from .wire import DraftReply, code_table, make_reply, quantize_probs, slot_allowance
 
 _FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
+#: a row whose missing mass 1 - S is at most this gets no more slots from the water-filling
+ONE_HOT_MISSING = 2.0 ** -10
+_CODE_TABLE_T = torch.from_numpy(code_table().astype(np.float32))  # [256] the wire's dequantised values
+_SMALLEST_CODE = float(code_table()[-1])
 
 
 class DraftStateError(ValueError):
@@ -77,19 +96,61 @@ def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.minimum(idx, last)
 
 
+def water_fill(vals: torch.Tensor, slots: float, one_hot: float = ONE_HOT_MISSING) -> torch.Tensor:
+    """How many slots each row sends: ``vals`` [N, K] (each row's top-K, descending) -> counts [N] long.
+
+    Every row keeps slot 0; the other ``floor(slots) - N`` slots go to the largest values over
+    all rows, a value being exactly the missing mass its slot removes (greedy = optimal for this
+    separable concave objective), except at rows whose missing mass is already <= ``one_hot``
+    and at zero values. ``slots = inf`` keeps every eligible slot (the early stop alone)."""
+    n, k = vals.shape
+    counts = torch.ones(n, dtype=torch.long, device=vals.device)  # [N]
+    if k <= 1 or n == 0:
+        return counts
+    extra = n * (k - 1) if slots == float("inf") else int(np.floor(float(slots) + 1e-9)) - n
+    if extra <= 0:
+        return counts
+    missing_before = 1.0 - vals.cumsum(dim=1)[:, :-1]  # [N, K-1] missing mass before adding rank r >= 1
+    cand = vals[:, 1:]  # [N, K-1]
+    eligible = (missing_before > one_hot) & (cand > 0)  # [N, K-1]; a prefix of every row
+    score = torch.where(eligible, cand, torch.full_like(cand, -1.0)).reshape(-1)  # [N(K-1)]
+    take = min(extra, int(eligible.sum()))
+    if take <= 0:
+        return counts
+    chosen = torch.topk(score, take).indices  # [take]
+    return counts + torch.bincount(chosen // (k - 1), minlength=n)
+
+
+def _on_code_table(vals: torch.Tensor) -> torch.Tensor:
+    """float probabilities [...] -> float16 values of their nearest wire code (0: not sendable)."""
+    codes = torch.from_numpy(quantize_probs(vals.detach().cpu().double().numpy()).astype(np.int64))
+    return _CODE_TABLE_T[codes].to(torch.float16).to(vals.device)
+
+
 def sparsify(
     q: torch.Tensor, k: int, mode: str, generator: torch.Generator | None = None, *,
-    uniforms: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None, slots: float | None = None, compact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q`` [N, V] -> (ids [N, K] long, probs [N, K] float16, drafted [N] long); drafted token in slot 0.
 
     ``mode`` is ``greedy``, ``sparse`` or ``full`` (see module docstring). ``uniforms`` [N] are
     the rows' sampling uniforms; without them N are drawn from ``generator``.
+
+    ``slots``: the rows' total slot budget (``water_fill``); None: K slots per row. ``compact``:
+    probabilities on the wire's uint8 code table. With either, a row sends only its first
+    ``(probs > 0).sum()`` slots (the rest are zero): those are the values it samples from.
     """
     n, v = q.shape
     k = min(int(k), v)
     vals, ids = torch.topk(q.float(), k, dim=1)  # [N, K]
-    probs = vals.to(torch.float16)  # [N, K]
+    probs = _on_code_table(vals) if compact else vals.to(torch.float16)  # [N, K]
+    if slots is not None:
+        counts = water_fill(vals, slots)  # [N]
+        probs = torch.where(torch.arange(k).unsqueeze(0) < counts.unsqueeze(1), probs, torch.zeros_like(probs))
+    if (slots is not None or compact) and bool((probs[:, 0] <= 0).any()):
+        # the top-1 always travels, also where it is below the smallest sendable value
+        floor = _SMALLEST_CODE if compact else _FP16_TINY
+        probs[:, 0] = probs[:, 0].clamp_min(floor)
     if mode == "greedy":
         return ids, probs, ids[:, 0].clone()
     if mode not in ("sparse", "full"):
@@ -101,16 +162,24 @@ def sparsify(
         slot = _inverse_cdf(probs.float(), uniforms)  # [N]
     else:
         drafted = _inverse_cdf(q.float(), uniforms)  # [N]
-        hit = ids == drafted.unsqueeze(1)  # [N, K]
+        variable = slots is not None or compact
+        sent = probs > 0 if variable else torch.ones_like(probs, dtype=torch.bool)  # [N, K] a prefix per row
+        last = sent.sum(dim=1).clamp_min(1) - 1  # [N] the last sent slot
+        hit = (ids == drafted.unsqueeze(1)) & sent  # [N, K]
         in_top = hit.any(dim=1)  # [N]
-        slot = torch.where(in_top, hit.float().argmax(dim=1), torch.full_like(drafted, k - 1))
+        slot = torch.where(in_top, hit.float().argmax(dim=1), last)
         missing = ~in_top
         if bool(missing.any()):
             ids = ids.clone()
             probs = probs.clone()
-            ids[missing, k - 1] = drafted[missing]
-            outside = q[missing, drafted[missing]].to(torch.float16).clamp_min(_FP16_TINY)
-            probs[missing, k - 1] = outside
+            rows_m = torch.nonzero(missing).squeeze(1)
+            ids[rows_m, last[rows_m]] = drafted[rows_m]
+            q_out = q[rows_m, drafted[rows_m]].float()
+            if compact:
+                outside = _on_code_table(q_out).clamp_min(_SMALLEST_CODE)
+            else:
+                outside = q_out.to(torch.float16).clamp_min(_FP16_TINY)
+            probs[rows_m, last[rows_m]] = outside
     # move the drafted slot to slot 0
     first_ids, first_probs = ids[:, 0].clone(), probs[:, 0].clone()
     ids = ids.clone()
@@ -149,9 +218,13 @@ class DraftProposer(abc.ABC):
         seed: int = 0,
         round_: int = 0,
         warp: "SamplingSettings | None" = None,
+        encoding: str = "fixed-k",
+        budget: float = 0.0,
     ) -> DraftReply:
         """Draft ``gammas[b]`` tokens after each sequence's committed prefix; ``warp`` (temperature
-        aside) is the target's sampler, which proposers should apply to their own law too."""
+        aside) is the target's sampler, which proposers should apply to their own law too.
+        ``encoding`` / ``budget``: how the reply travels and its bytes per drafted position (0: K
+        slots per position) -- see ``wire.py`` and the module docstring."""
 
     @abc.abstractmethod
     def forget(self, seq_id: int) -> None:
@@ -180,6 +253,8 @@ class _DraftKey:
     temperature: float
     seed: int
     warp: SamplingSettings = SamplingSettings()  # top-k/top-p/min-p/repetition penalty (temperature: above)
+    encoding: str = "fixed-k"
+    allowance: float | None = None  # slots per drafted position under a byte budget (None: K each)
 
 
 @dataclass
@@ -286,7 +361,8 @@ class HFDraftProposer(DraftProposer):
         self._states.pop(seq_id, None)
 
     # ---- drafting ------------------------------------------------------------------------
-    def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0, warp=None) -> DraftReply:
+    def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0, warp=None,
+                encoding="fixed-k", budget=0.0) -> DraftReply:
         seq_ids = [int(s) for s in seq_ids]
         gammas = [int(g) for g in gammas]
         if len(gammas) != len(seq_ids):
@@ -294,10 +370,17 @@ class HFDraftProposer(DraftProposer):
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("a sequence appears twice in one request")
         k = min(int(k), self.vocab_size)
+        if temperature <= 0 and encoding != "fixed-k":
+            # greedy, variable K: the drafted token and its probability are all the server uses
+            k, budget = 1, 0.0
         warp = replace(warp or SamplingSettings(), temperature=float(temperature) if temperature > 0 else 1.0)
         if temperature <= 0:  # greedy: only the penalty changes the argmax (as in generate)
             warp = SamplingSettings(repetition_penalty=warp.repetition_penalty)
-        key = _DraftKey(k, "greedy" if temperature <= 0 else str(sampling), float(temperature), int(seed), warp)
+        allowance = None
+        if encoding != "fixed-k" and budget > 0:
+            allowance = max(1.0, slot_allowance(float(budget), encoding, self.vocab_size, max(gammas, default=1)))
+        key = _DraftKey(k, "greedy" if temperature <= 0 else str(sampling), float(temperature), int(seed), warp,
+                        str(encoding), allowance)
         states = []
         for seq_id in seq_ids:
             state = self._states.get(seq_id)
@@ -319,7 +402,7 @@ class HFDraftProposer(DraftProposer):
             for j in range(gamma):
                 ids_out[row, j], probs_out[row, j] = state.dists[state.committed + j]
         return make_reply(np.array(seq_ids, dtype=np.int64), np.array(gammas, dtype=np.int32), ids_out, probs_out,
-                          self.vocab_size)
+                          self.vocab_size, encoding=key.encoding)
 
     def draft_ahead(self, seq_ids: Sequence[int], extra: int, stop: threading.Event | None = None) -> int:
         """Draft ``extra`` more positions past every listed sequence's drafts, stopping early
@@ -340,19 +423,26 @@ class HFDraftProposer(DraftProposer):
         todo = [i for i, n in enumerate(counts) if n > 0]
         if not todo:
             return [0] * len(states)
+        # positions drafted for this reply share its budget (carry); drafted ahead: capped per row
+        joint = key is not None
         if (self.batched and len(todo) > 1
                 and all(cache_is_batchable(states[i].cache) for i in todo)):
             got = self._extend_padded([seq_ids[i] for i in todo], [states[i] for i in todo],
-                                      [counts[i] for i in todo], stop)
+                                      [counts[i] for i in todo], stop, joint)
         else:
-            got = [self._extend_one(seq_ids[i], states[i], counts[i], stop) for i in todo]
+            got = [self._extend_one(seq_ids[i], states[i], counts[i], stop, joint) for i in todo]
         out = [0] * len(states)
         for i, n in zip(todo, got):
             out[i] = n
         return out
 
-    def _sample(self, seq_ids: Sequence[int], states: Sequence[_SequenceState], logits: torch.Tensor) -> list[int]:
-        """Sparsify one position of every row (``logits`` [R, V]), record it, append the drafted token."""
+    def _sample(self, seq_ids: Sequence[int], states: Sequence[_SequenceState], logits: torch.Tensor,
+                slot_budget: float | None = None) -> tuple[list[int], int]:
+        """Sparsify one position of every row (``logits`` [R, V]), record it, append the drafted token.
+
+        ``slot_budget``: the slots these R rows may spend together (budgeted keys on the reply
+        path); None with a budgeted key: at most ``floor(allowance)`` per row. Returns the drafted
+        tokens and the slots spent."""
         key = states[0].key
         logits = logits[:, : self.vocab_size].float()  # [R, V]
         if key.warp.truncates or key.warp.penalizes:
@@ -367,16 +457,31 @@ class HFDraftProposer(DraftProposer):
         if key.mode != "greedy":
             uniforms = torch.tensor([position_uniform(key.seed, s, len(st.tokens)) for s, st in zip(seq_ids, states)],
                                     dtype=torch.float64)  # [R]
-        ids, probs, drafted = sparsify(q, key.k, key.mode, uniforms=uniforms)  # [R, K], [R, K], [R]
+        k, slots = key.k, None
+        if key.allowance is not None:
+            if slot_budget is None:
+                k, slots = max(1, min(key.k, int(np.floor(key.allowance + 1e-9)))), float("inf")
+            else:
+                slots = slot_budget
+        ids, probs, drafted = sparsify(q, k, key.mode, uniforms=uniforms, slots=slots,
+                                       compact=key.encoding == "budgeted-compact")  # [R, K'], [R, K'], [R]
+        if k < key.k:  # every cached position has key.k slots (the unsent ones zero)
+            pad = key.k - k
+            ids = torch.cat([ids, ids.new_zeros((ids.shape[0], pad))], dim=1)
+            probs = torch.cat([probs, probs.new_zeros((probs.shape[0], pad))], dim=1)
         ids_np, probs_np = ids.numpy(), probs.numpy()
+        spent = int((probs > 0).sum()) if key.encoding != "fixed-k" else probs.numel()
         tokens = drafted.tolist()
         for r, (state, token) in enumerate(zip(states, tokens)):
             state.dists[len(state.tokens)] = (ids_np[r], probs_np[r])
             state.tokens.append(int(token))
-        return tokens
+        return tokens, spent
 
     @torch.inference_mode()
-    def _extend_one(self, seq_id: int, state: _SequenceState, count: int, stop: threading.Event | None) -> int:
+    def _extend_one(self, seq_id: int, state: _SequenceState, count: int, stop: threading.Event | None,
+                    joint: bool = True) -> int:
+        allowance = state.key.allowance if joint and state.key is not None else None
+        carry = 0.0
         for j in range(count):
             if j and stop is not None and stop.is_set():
                 return j
@@ -389,13 +494,20 @@ class HFDraftProposer(DraftProposer):
             out, state.cache = forward_with_cache(self.model, state.cache, input_ids=pending, **keep)
             self.forward_calls += 1
             state.cache_len = len(state.tokens)
-            self._sample([seq_id], [state], out.logits[:, -1])
+            budget = None if allowance is None else allowance + carry
+            _, spent = self._sample([seq_id], [state], out.logits[:, -1], budget)
+            if budget is not None:
+                carry = max(0.0, budget - spent)
         return count
 
     @torch.inference_mode()
     def _extend_padded(self, seq_ids: list[int], states: list[_SequenceState], counts: list[int],
-                       stop: threading.Event | None) -> list[int]:
-        """One batched forward per draft step for all ``states`` (every count >= 1)."""
+                       stop: threading.Event | None, joint: bool = True) -> list[int]:
+        """One batched forward per draft step for all ``states`` (every count >= 1); ``joint``:
+        the rows of a step water-fill one budget, carried over steps (see the module docstring)."""
+        key = states[0].key
+        allowance = key.allowance if joint and key is not None else None
+        carry = 0.0
         for state in states:
             if state.cache_len >= len(state.tokens):
                 state.cache, state.cache_len = rollback_cache(state.cache, state.cache_len, len(state.tokens) - 1)
@@ -415,7 +527,10 @@ class HFDraftProposer(DraftProposer):
             logits = batch.step(self.model, feed, keep)  # [B, 1, V]
             self.forward_calls += 1
             live_t = torch.tensor(live, dtype=torch.long)
-            tokens = self._sample([seq_ids[i] for i in live], [states[i] for i in live], logits[live_t, 0])
+            budget = None if allowance is None else allowance * len(live) + carry
+            tokens, spent = self._sample([seq_ids[i] for i in live], [states[i] for i in live], logits[live_t, 0], budget)
+            if budget is not None:
+                carry = max(0.0, budget - spent)
             feed = [[] for _ in states]
             for i, token in zip(live, tokens):
                 done[i] += 1

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 SAMPLING_MODES = ("sparse", "full")
+ENCODINGS = ("fixed-k", "budgeted", "budgeted-compact")  # = wire.ENCODINGS
 
 
 class ProtocolError(ValueError):
@@ -40,6 +41,10 @@ class DraftRequest:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     release: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # int64 [R]
+    # how the reply travels (wire.ENCODINGS) and its byte budget per drafted position (0: k slots each;
+    # with a budget, k is the cap per position)
+    encoding: str = "fixed-k"
+    budget: float = 0.0
 
     @classmethod
     def build(
@@ -56,6 +61,8 @@ class DraftRequest:
         top_p: float = 1.0,
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
+        encoding: str = "fixed-k",
+        budget: float = 0.0,
     ) -> "DraftRequest":
         """From ``(seq_id, start, delta, gamma)`` tuples."""
         offsets = np.zeros(len(entries) + 1, dtype=np.int64)
@@ -78,6 +85,8 @@ class DraftRequest:
             top_p=float(top_p),
             min_p=float(min_p),
             repetition_penalty=float(repetition_penalty),
+            encoding=str(encoding),
+            budget=float(budget),
         )
 
     def delta(self, b: int) -> np.ndarray:
@@ -104,6 +113,8 @@ class DraftRequest:
             "top-p": self.top_p,
             "min-p": self.min_p,
             "repetition-penalty": self.repetition_penalty,
+            "encoding": self.encoding,
+            "uplink-budget": self.budget,
         }
 
     def nbytes(self) -> int:
@@ -129,6 +140,8 @@ class DraftRequest:
                 top_p=float(config.get("top-p", 1.0)),
                 min_p=float(config.get("min-p", 0.0)),
                 repetition_penalty=float(config.get("repetition-penalty", 1.0)),
+                encoding=str(config.get("encoding", "fixed-k")),
+                budget=float(config.get("uplink-budget", 0.0)),
             )
         except KeyError as exc:
             raise ProtocolError(f"draft request is missing {exc.args[0]!r}") from None
@@ -156,6 +169,10 @@ class DraftRequest:
                 or not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
             raise ProtocolError(f"draft request sampler settings out of range: top-k-sampling {self.top_k_sampling}, "
                                 f"top-p {self.top_p}, min-p {self.min_p}, repetition-penalty {self.repetition_penalty}")
+        if self.encoding not in ENCODINGS:
+            raise ProtocolError(f"draft request encoding {self.encoding!r} is not one of {ENCODINGS}")
+        if not (self.budget >= 0 and np.isfinite(self.budget)):
+            raise ProtocolError(f"draft request uplink budget {self.budget} must be >= 0")
         if vocab_size is not None and self.delta_tokens.size and (
             self.delta_tokens.min() < 0 or self.delta_tokens.max() >= vocab_size
         ):

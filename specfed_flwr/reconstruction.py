@@ -32,6 +32,10 @@ only (see ``sparse.py``); ``reconstruct`` densifies it, for tests and offline an
 
 All rules are pure tensor functions. The K ids of a row must be distinct (the wire decoder
 refuses a reply that repeats an id at a position).
+
+Variable K (``counts``): a row of a budgeted reply sends only its first ``counts[n]`` slots. The
+rules then see exactly those: the other slots become empty (id -1, value 0) and uniform
+diffusion spreads 1 - S over the V - counts[n] tokens that row did not send.
 """
 
 from __future__ import annotations
@@ -46,23 +50,34 @@ _BISECTION_STEPS = 40
 _MAX_LOG_TAU = 12.0  # tau up to e^12: flat enough for any K we allow
 
 
-def reconstruct(ids: torch.Tensor, probs: torch.Tensor, vocab_size: int, rule: str) -> torch.Tensor:
+def reconstruct(ids: torch.Tensor, probs: torch.Tensor, vocab_size: int, rule: str,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
     """Dense ``[N, V]`` float32 q_hat from ``[N, K]`` token ids and probabilities."""
-    return densify(reconstruct_sparse(ids, probs, vocab_size, rule))
+    return densify(reconstruct_sparse(ids, probs, vocab_size, rule, counts))
 
 
-def reconstruct_sparse(ids: torch.Tensor, probs: torch.Tensor, vocab_size: int, rule: str) -> SparseQ:
-    """q_hat of ``[N, K]`` ids and probabilities as a SparseQ of batch [N] with M = K slots."""
+def reconstruct_sparse(ids: torch.Tensor, probs: torch.Tensor, vocab_size: int, rule: str,
+                       counts: torch.Tensor | None = None) -> SparseQ:
+    """q_hat of ``[N, K]`` ids and probabilities as a SparseQ of batch [N] with M = K slots.
+
+    ``counts`` [N] (optional): slots sent per row; slots at or past it are empty."""
     if rule not in RULES:
         raise ValueError(f"unknown reconstruction rule {rule!r}; choose one of {', '.join(RULES)}")
     ids = ids.long()  # [N, K]
     probs = probs.float().clamp_min(0.0)  # [N, K]
+    listed = None
+    if counts is not None:
+        listed = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < counts.long().unsqueeze(1)  # [N, K]
+        ids = torch.where(listed, ids, torch.full_like(ids, -1))
+        probs = torch.where(listed, probs, torch.zeros_like(probs))
     if rule == "uniform":
-        values, fill = uniform_closed_form(probs, vocab_size)
+        values, fill = uniform_closed_form(probs, vocab_size, counts)
     elif rule == "exact":
         values, fill = exact_closed_form(probs)
     else:
-        values, fill = temperature_closed_form(probs, vocab_size)
+        values, fill = temperature_closed_form(probs, vocab_size, counts)
+    if listed is not None:
+        values = torch.where(listed, values, torch.zeros_like(values))
     return SparseQ(ids=ids, values=values, fill=fill, vocab_size=int(vocab_size))
 
 
@@ -74,16 +89,21 @@ def exact_closed_form(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, probs.new_zeros(probs.shape[0])
 
 
-def uniform_closed_form(probs: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def uniform_closed_form(probs: torch.Tensor, vocab_size: int,
+                        counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept probabilities as sent, (1 - S)/(V - K) on each other token, then normalised by
     Z = S + max(0, 1 - S) (float16 rounding can push S a hair above 1): probs [N, K] ->
-    (values [N, K], fill [N])."""
-    k = probs.shape[1]
+    (values [N, K], fill [N]). ``counts`` [N]: K per row (variable K)."""
     kept = probs.sum(dim=1)  # [N]
-    if k >= vocab_size:  # every token was sent: nothing to diffuse
-        return probs / kept.clamp_min(1e-30).unsqueeze(1), probs.new_zeros(probs.shape[0])
-    fill = (1.0 - kept).clamp_min(0.0) / (vocab_size - k)  # [N]
-    total = kept + fill * (vocab_size - k)  # [N]  Z
+    if counts is None:
+        k = probs.shape[1]
+        if k >= vocab_size:  # every token was sent: nothing to diffuse
+            return probs / kept.clamp_min(1e-30).unsqueeze(1), probs.new_zeros(probs.shape[0])
+        unsent = torch.full_like(kept, float(vocab_size - k))  # [N]
+    else:
+        unsent = (vocab_size - counts.to(kept.dtype)).clamp_min(0.0)  # [N]
+    fill = torch.where(unsent > 0, (1.0 - kept).clamp_min(0.0) / unsent.clamp_min(1.0), torch.zeros_like(kept))  # [N]
+    total = (kept + fill * unsent).clamp_min(1e-30)  # [N]  Z
     return probs / total.unsqueeze(1), fill / total
 
 
@@ -107,7 +127,8 @@ def temperature_for_top1(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return ((lo + hi) / 2).exp(), solvable
 
 
-def temperature_closed_form(probs: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def temperature_closed_form(probs: torch.Tensor, vocab_size: int,
+                            counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(log p_kept / tau) on the kept tokens, 0 elsewhere; uniform diffusion on the rows
     where no tau >= 1 reaches p_1: probs [N, K] -> (values [N, K], fill [N])."""
     tau, solvable = temperature_for_top1(probs)  # [N], [N]
@@ -116,7 +137,7 @@ def temperature_closed_form(probs: torch.Tensor, vocab_size: int) -> tuple[torch
     flattened = torch.nan_to_num(torch.softmax(logp / tau.unsqueeze(1), dim=1), nan=0.0)  # [N, K]
     if bool(solvable.all()):
         return flattened, probs.new_zeros(probs.shape[0])
-    fallback_values, fallback_fill = uniform_closed_form(probs, vocab_size)
+    fallback_values, fallback_fill = uniform_closed_form(probs, vocab_size, counts)
     values = torch.where(solvable.unsqueeze(1), flattened, fallback_values)  # [N, K]
     fill = torch.where(solvable, torch.zeros_like(fallback_fill), fallback_fill)  # [N]
     return values, fill

@@ -132,7 +132,10 @@ class ClientStats:
     proactive_misses: int = 0  # rows whose drafts made ahead the device had to drop
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # copies the lists and dicts
+        out = dataclasses.asdict(self)  # copies the lists and dicts
+        # every uplink byte of this client (headers, counts, padding) over the positions it drafted
+        out["bytes_per_position_all_in"] = self.uplink_bytes / self.positions if self.positions else None
+        return out
 
 
 #: the limits a run enforces (config key -> what hitting it means)

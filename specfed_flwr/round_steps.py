@@ -91,7 +91,8 @@ class RoundSteps:
                 continue
             ids = torch.from_numpy(reply.token_ids[r_idx, j_idx].astype(np.int64))  # [N, K_r]
             probs = torch.from_numpy(reply.probs[r_idx, j_idx].astype(np.float32))  # [N, K_r]
-            q_hat = reconstruct_sparse(ids, probs, v, self.config.reconstruction)  # batch [N], M = K_r
+            counts = None if reply.counts is None else torch.from_numpy(reply.counts[r_idx, j_idx].astype(np.int64))  # [N]
+            q_hat = reconstruct_sparse(ids, probs, v, self.config.reconstruction, counts)  # batch [N], M = K_r
             at_b, at_j = torch.from_numpy(rows[r_idx]), torch.from_numpy(j_idx)  # [N], [N]
             tokens[at_b, ci, at_j] = ids[:, 0]
             q.ids[at_b, ci, at_j, : ids.shape[1]] = q_hat.ids

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from .round_report import ClientStats, RoundReport, SequenceResult
-from .wire import DraftReply, full_distribution_bytes
+from .wire import DraftReply, distribution_bytes, full_distribution_bytes
 
 
 def topk_bytes(reply: DraftReply) -> int:
-    """The top-K part of a reply: K ids + K probabilities per drafted position (no header, no padding)."""
-    per_slot = reply.token_ids.dtype.itemsize + reply.probs.dtype.itemsize
-    return int(reply.lengths.sum()) * int(reply.token_ids.shape[-1]) * per_slot
+    """The distribution part of a reply: the ids + probabilities actually sent per drafted
+    position (fixed K or each position's own count; no header, no padding)."""
+    return distribution_bytes(reply)
 
 
 def summarize(
@@ -52,6 +52,7 @@ def summarize(
         "uplink_bytes_per_token": uplink / tokens if tokens else None,
         # all-in: every uplink byte (headers and padding included) over the positions drafted
         "uplink_bytes_per_position": per_position,
+        "bytes_per_position_all_in": per_position,
         # the top-K distribution alone, what replaces one dense distribution per position
         "topk_bytes_per_position": topk_per_position,
         "compression_vs_fp32": full_distribution_bytes(vocab_size, "float32") / topk_per_position if topk_per_position else None,

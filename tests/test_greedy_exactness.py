@@ -49,10 +49,10 @@ def oracle(models, prompts):
     return outs
 
 
-def _engine(models, drafters: int, rule: str, k: int, gamma: int) -> InProcessEngine:
+def _engine(models, drafters: int, rule: str, k: int, gamma: int, encoding: str = "auto") -> InProcessEngine:
     target, draft_a, draft_b = models
     cfg = SpecFedConfig(top_k=k, draft_length=gamma, reconstruction=rule, max_new_tokens=NEW_TOKENS,
-                        max_active_sequences=NUM_PROMPTS, max_k=VOCAB, temperature=0.0)
+                        max_active_sequences=NUM_PROMPTS, max_k=VOCAB, temperature=0.0, uplink_encoding=encoding)
     draft_models = [draft_a] if drafters == 1 else [draft_a, draft_b]
     extra = {}
     if drafters == 3:
@@ -69,6 +69,23 @@ def test_greedy_output_equals_target_generate(models, prompts, oracle, rule, k, 
     assert [s.token_ids for s in result.sequences] == oracle
     if drafters == 3:
         assert result.metrics["clients"]["garbage"]["rounds_replied"] > 0
+
+
+@pytest.mark.parametrize("encoding,rule", list(itertools.product(
+    ["fixed-k", "budgeted", "budgeted-compact"], ["uniform", "temperature", "exact"])))
+def test_greedy_output_equals_target_generate_for_every_uplink_encoding(models, prompts, oracle, encoding, rule):
+    result = _engine(models, 3, rule, 4, 4, encoding).generate(prompts)
+    assert [s.token_ids for s in result.sequences] == oracle
+    clients = result.metrics["clients"]
+    assert clients["garbage"]["rounds_replied"] > 0
+    drafter = clients["drafter-0"]
+    per_position = drafter["bytes_per_position_all_in"]
+    distribution = drafter["topk_bytes"] / drafter["positions"]
+    if encoding == "fixed-k":
+        assert distribution == 4 * (2 + 2) and per_position > distribution  # K=4 uint16 + float16, + headers
+    else:  # greedy variable K: one slot per position (count + id + probability) plus the headers
+        assert distribution == (1 + 2 + 1 if encoding == "budgeted-compact" else 1 + 2 + 2)
+        assert per_position < 4 * (2 + 2)
 
 
 def test_drafts_are_actually_used(models, prompts, oracle):

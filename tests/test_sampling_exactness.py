@@ -46,9 +46,16 @@ class Tables:
         self.q2 = [0.5 * self.p2 + 0.5 * _dirichlet(rng, (V,)) for _ in range(clients)]
 
 
-def _draft(q_rows: torch.Tensor, k: int, mode: str, gen: torch.Generator):
-    ids, probs, drafted = sparsify(q_rows, k, mode, gen)
-    return ids, probs, drafted
+def _draft(q_rows: torch.Tensor, k: int, mode: str, gen: torch.Generator, uplink=None):
+    """``uplink``: None (K slots, float16) or (slots per row, compact): the budgeted water-filling
+    over the rows and/or the uint8 code table; then also the rows' slot counts."""
+    if uplink is None:
+        ids, probs, drafted = sparsify(q_rows, k, mode, gen)
+        return ids, probs, drafted, None
+    per_row, compact = uplink
+    slots = None if per_row is None else per_row * q_rows.shape[0]
+    ids, probs, drafted = sparsify(q_rows, k, mode, gen, slots=slots, compact=compact)
+    return ids, probs, drafted, (probs > 0).sum(dim=1)
 
 
 def _speculative_step(
@@ -64,6 +71,7 @@ def _speculative_step(
     scheme: str,
     gen: torch.Generator,
     representation: str = "sparse",
+    uplink=None,
 ):
     """One round for n independent rows. Returns (tokens [n, gamma+1] -1 padded, counts [n])."""
     client_tokens = torch.zeros((n, clients, gamma), dtype=torch.long)
@@ -75,13 +83,13 @@ def _speculative_step(
         own = torch.zeros((n, 0), dtype=torch.long)
         for j in range(gamma):
             q = client_q_fn(j, i, own)
-            ids, probs, drafted = _draft(q, k, mode, gen)
+            ids, probs, drafted, slot_counts = _draft(q, k, mode, gen, uplink)
             client_tokens[:, i, j] = drafted
             if representation == "sparse":
-                q_hat = reconstruct_sparse(ids, probs.float(), V, rule)
+                q_hat = reconstruct_sparse(ids, probs.float(), V, rule, slot_counts)
                 ids_all[:, i, j], values_all[:, i, j], fill_all[:, i, j] = q_hat.ids, q_hat.values, q_hat.fill
             else:
-                dense_q[:, i, j] = reconstruct(ids, probs.float(), V, rule)
+                dense_q[:, i, j] = reconstruct(ids, probs.float(), V, rule, slot_counts)
             own = torch.cat([own, drafted.unsqueeze(1)], dim=1)
     client_q = SparseQ(ids_all, values_all, fill_all, V) if representation == "sparse" else dense_q
     lengths = torch.full((n, clients), gamma, dtype=torch.long)
@@ -94,7 +102,7 @@ def _speculative_step(
 
 
 def _first_two_tokens(tables: Tables, clients: int, weights, k: int, mode: str, rule: str, scheme: str, seed: int,
-                      representation: str = "sparse"):
+                      representation: str = "sparse", uplink=None):
     gen = torch.Generator().manual_seed(seed)
     n = DRAWS
 
@@ -112,7 +120,7 @@ def _first_two_tokens(tables: Tables, clients: int, weights, k: int, mode: str, 
 
     tokens, counts = _speculative_step(n, client_q_fn=client_q_round1, target_fn=target_round1, gamma=2,
                                        clients=clients, weights=weights, k=k, mode=mode, rule=rule, scheme=scheme, gen=gen,
-                                       representation=representation)
+                                       representation=representation, uplink=uplink)
     first = tokens[:, 0]
     second = tokens[:, 1].clone()
     need = counts < 2
@@ -130,7 +138,7 @@ def _first_two_tokens(tables: Tables, clients: int, weights, k: int, mode: str, 
 
         tokens2, _ = _speculative_step(m, client_q_fn=client_q_round2, target_fn=target_round2, gamma=1,
                                        clients=clients, weights=weights, k=k, mode=mode, rule=rule, scheme=scheme, gen=gen,
-                                       representation=representation)
+                                       representation=representation, uplink=uplink)
         second[need] = tokens2[:, 0]
     return first.numpy(), second.numpy()
 
@@ -170,6 +178,49 @@ def test_exact_mode_output_law_equals_target(clients, weights, k, rule, scheme, 
     p_joint = _chi2_pvalue(joint, _joint_expected(tables))
     assert p_first > 1e-3, f"next-token law differs from the target (p={p_first:.2e})"
     assert p_joint > 1e-3, f"two-token joint law differs from the target (p={p_joint:.2e})"
+
+
+UPLINK_CASES = [
+    # clients, weights, K cap, (slots per row, compact), reconstruction, scheme
+    (1, [1.0], 4, (2.5, True), "exact", "pick"),
+    (3, [0.5, 0.3, 0.2], 4, (2.5, True), "exact", "pick"),
+    (3, [0.5, 0.3, 0.2], 4, (1.5, False), "exact", "pick"),
+    (1, [1.0], 3, (None, True), "exact", "pick"),
+    (3, [0.5, 0.3, 0.2], 4, (2.0, True), "uniform", "consensus"),
+]
+
+
+@pytest.mark.parametrize("clients,weights,k,uplink,rule,scheme", UPLINK_CASES)
+def test_budgeted_k_and_compact_probabilities_keep_the_target_law(clients, weights, k, uplink, rule, scheme):
+    """Per-position K under a budget (water-filling over the rows) and uint8 log-domain
+    probabilities: each device samples from exactly the values it sends, so the law is the target's."""
+    tables = Tables(clients, seed=11)
+    # the budget really varies K per row and the code table really changes the values
+    ids, probs, _, slot_counts = _draft(tables.q1[0].expand(64, V), k, "sparse", torch.Generator().manual_seed(0), uplink)
+    if uplink[0] is not None:
+        assert slot_counts.float().mean() <= uplink[0]
+        if uplink[0] != int(uplink[0]):  # identical rows: a fractional allowance goes to some of them
+            assert slot_counts.max() > slot_counts.min()
+    if uplink[1]:
+        assert not torch.equal(probs[0, :1].float(), tables.q1[0].max().reshape(1))
+    first, second = _first_two_tokens(tables, clients, torch.tensor(weights), k, "sparse", rule, scheme, seed=5,
+                                      uplink=uplink)
+    p_first = _chi2_pvalue(np.bincount(first, minlength=V), tables.p1.double().numpy())
+    joint = np.zeros((V, V))
+    np.add.at(joint, (first, second), 1)
+    p_joint = _chi2_pvalue(joint, _joint_expected(tables))
+    assert p_first > 1e-3, f"next-token law differs from the target (p={p_first:.2e})"
+    assert p_joint > 1e-3, f"two-token joint law differs from the target (p={p_joint:.2e})"
+
+
+def test_budgeted_chi_square_has_power():
+    """Drafting from the full q but verifying against the budgeted compact q_hat is caught."""
+    tables = Tables(3, seed=11)
+    first, second = _first_two_tokens(tables, 3, torch.tensor([0.5, 0.3, 0.2]), 4, "full", "exact", "pick", seed=5,
+                                      uplink=(1.5, True))
+    joint = np.zeros((V, V))
+    np.add.at(joint, (first, second), 1)
+    assert _chi2_pvalue(joint, _joint_expected(tables)) < 1e-6
 
 
 def test_chi_square_detects_a_wrong_law():

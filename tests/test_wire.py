@@ -12,19 +12,27 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from specfed_flwr.wire import (
+    ENCODINGS,
     FIELDS,
+    LAYOUTS,
     MAX_BATCH,
     DraftReply,
     WireFormatError,
     bytes_per_position,
+    check_budget,
+    code_table,
     compression_ratio,
+    dequantize_probs,
+    distribution_bytes,
     decode_reply,
     full_distribution_bytes,
     id_dtype,
     make_reply,
     max_kept_mass,
     payload_bytes,
+    quantize_probs,
     reply_to_arrays,
+    slot_allowance,
 )
 
 V = 1000
@@ -534,7 +542,7 @@ def _check_outcome(arrays, **kw):
     assert isinstance(reply, DraftReply)
     assert reply.seq_ids.dtype == np.int64 and reply.lengths.dtype == np.int32
     assert reply.token_ids.dtype == id_dtype(kw["vocab_size"]) and reply.probs.dtype == np.float16
-    assert (reply.kept_mass() <= max_kept_mass(reply.k)).all()
+    assert (reply.kept_mass() <= max_kept_mass(reply.k, reply.encoding)).all()
     assert decode_reply(reply_to_arrays(reply), **kw) == reply
     return reply
 
@@ -707,3 +715,324 @@ def test_fuzz_one_mutation_of_a_valid_reply_is_named(case, kind, data):
         assert err.field == field, f"{kind} of {field}: {err}"
     else:
         assert err.field in ("token_ids", "probs") and field in str(err), f"{kind} of {field}: {err}"
+
+
+# ---- variable-K layouts (budgeted, budgeted-compact) --------------------------------------------------
+
+VARIABLE = ("budgeted", "budgeted-compact")
+
+
+def _variable_reply(encoding, b=3, g=4, k=6, v=V, seed=0, lengths=None) -> DraftReply:
+    """A valid variable-K reply: each position sends 1..k slots (a random subset of a distribution)."""
+    rng = np.random.default_rng(seed)
+    if lengths is None:
+        lengths = rng.integers(0, g + 1, size=b)
+    ids = np.zeros((b, g, k), dtype=np.int64)
+    probs = np.zeros((b, g, k), dtype=np.float64)
+    for i in range(b):
+        for j in range(int(lengths[i])):
+            c = int(rng.integers(1, k + 1))
+            ids[i, j] = rng.choice(v, size=k, replace=False)
+            p = rng.dirichlet(np.ones(c + 1))[:c]
+            probs[i, j, :c] = np.maximum(p, 1e-3) / max(1.0, np.maximum(p, 1e-3).sum())
+    seq_ids = rng.choice(10_000, size=b, replace=False) + 100
+    return make_reply(seq_ids, lengths, ids, probs, v, encoding=encoding)
+
+
+def _variable_arrays(encoding, **kw) -> dict[str, np.ndarray]:
+    return {name: a.copy() for name, a in reply_to_arrays(_variable_reply(encoding, **kw)).items()}
+
+
+def test_code_table_is_a_strictly_decreasing_log_grid_and_quantisation_is_idempotent():
+    table = code_table().astype(np.float64)
+    assert table[0] == 0 and table[1] == 1.0
+    assert (np.diff(table[1:]) < 0).all()
+    ratio = table[1:-1] / table[2:]
+    assert np.allclose(ratio[:200], 2 ** (1 / 16), rtol=2e-3)
+    np.testing.assert_array_equal(quantize_probs(code_table()[1:]), np.arange(1, 256))
+    p = np.random.default_rng(0).random(10_000) ** 8
+    back = dequantize_probs(quantize_probs(p)).astype(np.float64)
+    sent = back > 0
+    assert (np.abs(np.log2(back[sent] / p[sent])) <= 1 / 32 + 2e-3).all()  # nearest code in the log domain
+    assert (p[~sent] < 2.0 ** -15.875).all()
+
+
+@pytest.mark.parametrize("encoding", VARIABLE)
+@pytest.mark.parametrize("v", [V, 70_000])
+@pytest.mark.parametrize("b,g,k", [(3, 4, 6), (1, 1, 1), (0, 4, 3), (2, 0, 2), (5, 16, 64)])
+def test_variable_round_trip(encoding, v, b, g, k):
+    reply = _variable_reply(encoding, b=b, g=g, k=k, v=v, seed=b * 100 + g * 10 + k)
+    arrays = reply_to_arrays(reply)
+    assert tuple(arrays) == LAYOUTS[encoding]
+    assert all(a.ndim == 1 for a in arrays.values())
+    assert decode_reply(arrays, vocab_size=v, max_k=64, max_gamma=16, client=CLIENT) == reply
+    assert decode_reply(arrays, vocab_size=v, max_k=64, max_gamma=16, client=CLIENT, encoding=encoding) == reply
+    assert reply.encoding == encoding and reply.counts.dtype == np.int32
+    assert (reply.counts[~reply.valid_mask()] == 0).all() and (reply.counts[reply.valid_mask()] >= 1).all()
+    assert not reply.probs[~reply.slot_mask()].any() and (reply.probs[reply.slot_mask()] > 0).all()
+    if encoding == "budgeted-compact":
+        assert np.isin(reply.probs[reply.slot_mask()], code_table()[1:]).all()
+    n, t = int(reply.lengths.sum()), int(reply.counts.sum())
+    per_slot = (2 if v <= 65536 else 4) + (1 if encoding == "budgeted-compact" else 2)
+    assert distribution_bytes(reply) == n + t * per_slot
+    header = 8 + b * (2 + 1) if encoding == "budgeted-compact" else 12 * b
+    assert payload_bytes(reply) == header + distribution_bytes(reply)
+
+
+def test_greedy_compact_position_costs_4_bytes_plus_a_small_header():
+    # 1 slot: count (1) + uint16 id (2) + uint8 code (1); 12 sequences x 4 positions: 8 + 36 B of header
+    reply = make_reply(np.arange(12) + 1, np.full(12, 4), np.arange(48).reshape(12, 4, 1), np.full((12, 4, 1), 0.7),
+                       49152, encoding="budgeted-compact")
+    assert distribution_bytes(reply) == 48 * 4
+    assert payload_bytes(reply) == 48 * 4 + 8 + 12 * 3
+    assert payload_bytes(reply) / 48 <= 8
+
+
+def test_make_reply_drops_slots_that_round_to_zero_and_keeps_the_drafted_one_first():
+    probs = np.array([[[0.5, 0.0, 1e-9, 0.25]]])
+    for encoding in VARIABLE:
+        reply = make_reply([3], [1], [[[10, 11, 12, 13]]], probs, V, encoding=encoding)
+        assert reply.counts.tolist() == [[2]]
+        assert reply.token_ids[0, 0].tolist() == [10, 13]
+
+
+@pytest.mark.parametrize("encoding", VARIABLE)
+def test_variable_rule_counts_must_add_up(encoding):
+    arrays = _variable_arrays(encoding, lengths=np.array([3, 1, 2]))
+    bad = {**arrays, "counts": arrays["counts"][:-1]}
+    _rejects(bad, "counts", match="lengths add up to 6")
+    bad = {**arrays, "token_ids": arrays["token_ids"][:-1]}
+    _rejects(bad, "token_ids", match="counts add up to")
+    prob_field = LAYOUTS[encoding][-1]
+    bad = {**arrays, prob_field: np.concatenate([arrays[prob_field], arrays[prob_field][:1]])}
+    _rejects(bad, prob_field, match="counts add up to")
+    counts = arrays["counts"].copy()
+    counts[2] = 0
+    _rejects({**arrays, "counts": counts}, "counts", match="at least its drafted token")
+    counts[2] = 9
+    _rejects({**arrays, "counts": counts}, "counts", match="exceeds max_k=8", max_k=8)
+
+
+@pytest.mark.parametrize("encoding", VARIABLE)
+def test_variable_rule_fields_dtypes_and_shapes(encoding):
+    arrays = _variable_arrays(encoding, lengths=np.array([3, 1, 2]))
+    for name in LAYOUTS[encoding]:
+        missing = {n: a for n, a in arrays.items() if n != name}
+        _rejects(missing, name, match="missing", encoding=encoding)
+        wrong = {**arrays, name: arrays[name].astype(np.float64)}
+        _rejects(wrong, name, match="dtypes are exact")
+        _rejects({**arrays, name: arrays[name][None]}, name, match="expected 1-d")
+    _rejects({**arrays, "extra": np.zeros(1)}, "extra", match="unexpected field")
+    _rejects({**arrays, "lengths": arrays["lengths"][:2]}, "lengths", match="does not match")
+    other = "budgeted" if encoding == "budgeted-compact" else "budgeted-compact"
+    with pytest.raises(WireFormatError) as info:
+        _decode(arrays, encoding=other)
+    assert info.value.field in set(LAYOUTS[other]) ^ set(LAYOUTS[encoding])
+    with pytest.raises(WireFormatError):
+        _decode(reply_to_arrays(_random_reply()), encoding=encoding)
+
+
+def test_compact_rules_codes_seq_ids_and_lengths():
+    arrays = _variable_arrays("budgeted-compact", lengths=np.array([3, 1, 2]))
+    codes = arrays["prob_codes"].copy()
+    codes[4] = 0
+    _rejects({**arrays, "prob_codes": codes}, "prob_codes", match="code 0")
+    codes = np.ones_like(arrays["prob_codes"])  # every slot 1.0: sums above 1
+    _rejects({**arrays, "prob_codes": codes}, "prob_codes", match="sum to")
+    _rejects({**arrays, "seq_base": np.zeros(2, dtype=np.int64)}, "seq_base", match="expected (1,)")
+    _rejects({**arrays, "seq_base": np.array([2**63 - 2], dtype=np.int64)}, "seq_base", match="overflows")
+    offsets = arrays["seq_offsets"].copy()
+    offsets[1] = offsets[0]
+    _rejects({**arrays, "seq_offsets": offsets}, "seq_offsets", match="duplicate sequence id")
+    _decode({**arrays, "seq_offsets": arrays["seq_offsets"].astype(np.uint32)})  # either offset width
+    lengths = arrays["lengths"].copy()
+    lengths[0] = 17
+    _rejects({**arrays, "lengths": lengths}, "lengths", match="exceeds max_gamma=16")
+
+
+def test_budgeted_rules_probs_and_ids():
+    arrays = _variable_arrays("budgeted", lengths=np.array([3, 1, 2]))
+    for value, match in ((np.nan, "not finite"), (np.inf, "not finite"), (0.0, "not > 0"), (-0.5, "not > 0")):
+        probs = arrays["probs"].copy()
+        probs[3] = value
+        _rejects({**arrays, "probs": probs}, "probs", match=match)
+    ids = arrays["token_ids"].copy()
+    ids[0] = V
+    _rejects({**arrays, "token_ids": ids}, "token_ids", match="outside 0..999")
+    counts = arrays["counts"]
+    first = int(np.flatnonzero(counts >= 2)[0])
+    start = int(counts[:first].sum())
+    ids = arrays["token_ids"].copy()
+    ids[start + 1] = ids[start]
+    _rejects({**arrays, "token_ids": ids}, "token_ids", match="appears twice")
+
+
+@pytest.mark.parametrize("encoding", VARIABLE)
+def test_budget_is_checked_in_slots_per_drafted_position(encoding):
+    reply = _variable_reply(encoding, b=2, g=4, k=8, lengths=np.array([4, 4]), seed=3)
+    n, t = int(reply.lengths.sum()), int(reply.counts.sum())
+    per_slot = 2 + (1 if encoding == "budgeted-compact" else 2)
+    header = 11 if encoding == "budgeted-compact" else 12
+    enough = 1 + header / 4 + per_slot * t / n
+    check_budget(reply, enough + 1e-6, 4, V, CLIENT)
+    assert slot_allowance(enough, encoding, V, 4) == pytest.approx(t / n)
+    with pytest.raises(WireFormatError) as info:
+        check_budget(reply, enough - 0.5, 4, V, CLIENT)
+    assert info.value.field == "counts" and "exceeds the budget" in info.value.problem
+    check_budget(reply, 0.0, 4, V, CLIENT)  # 0 = off
+    with pytest.raises(WireFormatError):  # fixed K is counted too (a device ignoring the encoding)
+        check_budget(_random_reply(b=2, g=4, k=8, lengths=np.array([4, 4])), 8.0, 4, V, CLIENT)
+
+
+_VARIABLE_MUTATIONS = ["dtype", "ndim", "missing", "extra", "not_array", "count_zero", "count_big",
+                       "count_sum", "flat_len", "code_zero", "prob_bad", "id_out_of_range", "id_duplicate",
+                       "length_big", "seq_duplicate"]
+
+
+@st.composite
+def _variable_case(draw):
+    encoding = draw(st.sampled_from(VARIABLE))
+    v = draw(st.sampled_from([50, 70_000]))
+    b, g = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    k = draw(st.integers(1, 5))
+    lengths = np.array(draw(st.lists(st.integers(0, g), min_size=b, max_size=b)))
+    lengths[draw(st.integers(0, b - 1))] = draw(st.integers(1, g))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return encoding, v, _variable_reply(encoding, b=b, g=g, k=k, v=v, seed=seed, lengths=lengths)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_variable_case(), kind=st.sampled_from(_VARIABLE_MUTATIONS), data=st.data())
+def test_fuzz_one_mutation_of_a_variable_reply_is_named(case, kind, data):
+    encoding, v, reply = case
+    limits = dict(vocab_size=v, max_k=8, max_gamma=8, client="mutant")
+    assert decode_reply(reply_to_arrays(reply), **limits) == reply
+    arrays = {name: a.copy() for name, a in reply_to_arrays(reply).items()}
+    fields = LAYOUTS[encoding]
+    prob_field = fields[-1]
+    t = arrays["token_ids"].shape[0]
+    n = arrays["counts"].shape[0]
+    slot = data.draw(st.integers(0, t - 1))
+    pos = data.draw(st.integers(0, n - 1))
+    field = data.draw(st.sampled_from(fields))
+    if kind == "dtype":
+        new = np.dtype(data.draw(st.sampled_from(_OTHER_DTYPES)))
+        if new == arrays[field].dtype or (field == "seq_offsets" and new in (np.uint16, np.uint32)):
+            new = np.dtype(np.float64)
+        arrays[field] = arrays[field].astype(new)
+    elif kind == "ndim":
+        arrays[field] = arrays[field][None] if data.draw(st.booleans()) else arrays[field].reshape(-1)[:1].reshape(())
+    elif kind == "missing":
+        del arrays[field]
+        if encoding == "budgeted" and field == "counts":
+            # without counts a budgeted reply has exactly the fixed-k field names: it is read as a
+            # fixed-k reply whose token_ids are 1-d
+            field = "token_ids"
+    elif kind == "extra":
+        field = data.draw(st.sampled_from(["drafted", "probs_", "x"]))
+        arrays[field] = np.zeros(1)
+    elif kind == "not_array":
+        arrays[field] = data.draw(st.sampled_from([lambda a: a.tolist(), lambda a: None, lambda a: 0]))(arrays[field])
+    elif kind == "count_zero":
+        field = "counts"
+        arrays[field][pos] = 0
+    elif kind == "count_big":
+        field = "counts"
+        arrays[field][pos] = data.draw(st.integers(9, 255))
+    elif kind == "count_sum":
+        field = "counts"
+        arrays[field] = arrays[field][:-1] if data.draw(st.booleans()) else np.concatenate([arrays[field], [1]]).astype(np.uint8)
+    elif kind == "flat_len":
+        field = data.draw(st.sampled_from(["token_ids", prob_field]))
+        a = arrays[field]
+        arrays[field] = a[:-1] if data.draw(st.booleans()) else np.concatenate([a, a[:1]])
+    elif kind in ("code_zero", "prob_bad"):
+        field = prob_field
+        if encoding == "budgeted-compact":
+            arrays[field][slot] = 0
+        else:
+            arrays[field][slot] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0, -0.25, 2.0]))
+    elif kind == "id_out_of_range":
+        field = "token_ids"
+        if arrays[field].dtype == np.uint16:
+            arrays[field][slot] = data.draw(st.integers(v, 65535))
+        else:
+            arrays[field][slot] = data.draw(st.one_of(st.integers(-(2**31), -1), st.integers(v, 2**31 - 1)))
+    elif kind == "id_duplicate":
+        field = "token_ids"
+        counts = arrays["counts"].astype(np.int64)
+        multi = np.flatnonzero(counts >= 2)
+        if multi.size == 0:
+            arrays[field][slot] = v if v < 65536 else v + 1  # no position to repeat in: go out of range
+        else:
+            p = int(multi[data.draw(st.integers(0, multi.size - 1))])
+            start = int(counts[:p].sum())
+            arrays[field][start + 1] = arrays[field][start]
+    elif kind == "length_big":
+        field = "lengths"
+        arrays[field][0] = 9  # > max_gamma (then also the counts no longer add up: lengths is checked first)
+    elif kind == "seq_duplicate":
+        field = "seq_offsets" if encoding == "budgeted-compact" else "seq_ids"
+        if arrays[field].shape[0] < 2:
+            arrays[field] = arrays[field].astype(np.int8)  # one row cannot repeat: break the dtype
+        else:
+            arrays[field][1] = arrays[field][0]
+
+    with pytest.raises(WireFormatError) as info:
+        decode_reply(arrays, **limits)
+    err = info.value
+    assert str(err).startswith("reply from mutant: field '")
+    assert not err.problem.startswith("could not be decoded"), str(err)
+    assert err.field == field, f"{kind} of {field} ({encoding}): {err}"
+
+
+@st.composite
+def _near_valid_variable(draw):
+    """The variable-K fields with the right dtypes, wild lengths, counts and values."""
+    encoding = draw(st.sampled_from(VARIABLE))
+    v = draw(st.sampled_from([6, 65536, 70_000]))
+    b = draw(st.integers(0, 3))
+    dt = id_dtype(v)
+    lengths = draw(hnp.arrays(np.uint8 if encoding == "budgeted-compact" else np.int32,
+                              draw(st.sampled_from([(b,)] * 6 + [(b + 1,)])), elements=st.integers(0, 4)))
+    n = int(lengths.astype(np.int64).sum()) + draw(st.sampled_from([0] * 6 + [-1, 1]))
+    counts = draw(hnp.arrays(np.uint8, (max(n, 0),), elements=st.one_of(st.integers(1, 3), st.integers(0, 255))))
+    t = int(counts.astype(np.int64).sum()) + draw(st.sampled_from([0] * 6 + [-1, 1]))
+    t = max(t, 0)
+    lo, hi = (0, min(v + 2, 65535)) if dt == np.uint16 else (-3, v + 2)
+    arrays = {"lengths": lengths, "counts": counts,
+              "token_ids": draw(hnp.arrays(dt, (t,), elements=st.one_of(st.integers(0, 5), st.integers(lo, hi))))}
+    if encoding == "budgeted-compact":
+        arrays["seq_base"] = draw(hnp.arrays(np.int64, draw(st.sampled_from([(1,)] * 6 + [(0,), (2,)])),
+                                             elements=st.integers(-(2**63), 2**63 - 1)))
+        arrays["seq_offsets"] = draw(hnp.arrays(draw(st.sampled_from([np.uint16, np.uint32])), (b,),
+                                                elements=st.integers(0, 5)))
+        arrays["prob_codes"] = draw(hnp.arrays(np.uint8, (t,), elements=st.one_of(st.integers(20, 255), st.integers(0, 255))))
+    else:
+        arrays["seq_ids"] = draw(hnp.arrays(np.int64, (b,), elements=st.integers(-3, 3)))
+        arrays["probs"] = draw(hnp.arrays(np.float16, (t,), elements=st.one_of(
+            st.sampled_from([0.01, 0.1, 0.2]), st.sampled_from([0.0, -0.0, 6e-8, 1.0, 1.5, np.nan, np.inf]),
+            st.floats(width=16))))
+    limits = dict(vocab_size=v, max_k=draw(st.sampled_from([3, 255, 1])), max_gamma=draw(st.sampled_from([4, 2])),
+                  max_bytes=draw(st.sampled_from([None] * 6 + [40])), client="fuzz",
+                  encoding=draw(st.sampled_from([None, None, encoding, "fixed-k"])))
+    return arrays, limits
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_near_valid_variable())
+def test_fuzz_near_valid_variable_input_only_raises_wire_format_error(case):
+    arrays, limits = case
+    reply = _check_outcome(arrays, **limits)
+    if reply is not None:
+        assert reply.encoding in ENCODINGS and (reply.counts is None) == (reply.encoding == "fixed-k")
+
+
+_variable_keys = st.sampled_from(sorted({f for layout in LAYOUTS.values() for f in layout}))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays=st.dictionaries(_variable_keys, _any_values, max_size=7),
+       encoding=st.sampled_from([None, "budgeted", "budgeted-compact"]))
+def test_fuzz_arbitrary_variable_fields_only_raise_wire_format_error(arrays, encoding):
+    _check_outcome(arrays, vocab_size=V, max_k=8, max_gamma=4, client="fuzz", encoding=encoding)
