@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .aggregation import BiasAwareWeights, WeightingConfig
+from .aggregation import BiasAwareWeights, DraftPath, WeightingConfig
 from .cohorts import Cohorts
 from .config import SpecFedConfig
 from .faults import EventKind, Fault, FaultKind
@@ -31,6 +31,7 @@ from .roster import NodeRoster
 from .round_report import LIMITS, ClientStats, RoundReport, SequenceResult
 from .round_steps import RoundSteps, _Sequence
 from .sampling import SamplingSettings
+from .sparse import zeros as sparse_zeros
 from .summary import summarize, topk_bytes
 from .target import TargetVerifier
 from .theory import AdaptiveController, ControllerConfig, LinkProfile
@@ -84,6 +85,11 @@ class Coordinator(Cohorts, RoundSteps):
         self._generator = torch.Generator().manual_seed(int(config.seed))
         self.limit_hits: dict[str, int] = {name: 0 for name in LIMITS}
         self._collapsed: set[str] = set()
+        # target-only steps while drafts are out (``step_in_flight``)
+        self._finished_between: list[SequenceResult] = []  # finished by such a step, reported with the next round
+        self.steps_in_flight = 0
+        self.tokens_in_flight = 0
+        self.step_seconds = 0.0
 
     # ---- limits and events -------------------------------------------------------------------
     def hit_limit(self, name: str, detail: str = "", count: int = 1) -> None:
@@ -186,6 +192,36 @@ class Coordinator(Cohorts, RoundSteps):
     @property
     def rounds_completed(self) -> int:
         return len(self.rounds)
+
+    def step_in_flight(self, seq_ids: Iterable[int]) -> int:
+        """One target-only decode step (one forward, batched) for ``seq_ids`` -- sequences whose
+        drafts are out -- so the target does not sit idle while devices draft and messages travel;
+        returns the tokens emitted.
+
+        The token is what a round with an empty draft would emit: the target's argmax (greedy)
+        or a sample from its warped law (sampling), so the output law is unchanged; the round that
+        later brings these sequences' drafts drops the positions decoded meanwhile and keeps a
+        client's drafts only where they start with exactly those tokens
+        (``RoundSteps._skip_decoded``). Sequences finished here are reported with the next round.
+        Only sequences whose prompt the target has cached are stepped (``prefill_pending`` first)."""
+        seqs = [self._active[s] for s in seq_ids if s in self._active and self.target.pending_prefill(s) == 0]
+        if not seqs:
+            return 0
+        started = time.perf_counter()
+        b = len(seqs)
+        empty = DraftPath(tokens=torch.zeros((b, 0), dtype=torch.long), lengths=torch.zeros(b, dtype=torch.long),
+                          q_bar=sparse_zeros((b, 0), 1, self.vocab_size))  # [B, 0] path: nothing drafted
+        logits, probs, _ = self._score(seqs, empty)  # [B, 1, V]
+        result = self._verify(logits, probs, empty)
+        rounds = [s.rounds for s in seqs]
+        emitted, finished = self._commit(seqs, empty, result, torch.zeros((b, 0)))
+        for seq, r in zip(seqs, rounds):
+            seq.rounds = r  # not a speculative round of the sequence
+        self._finished_between.extend(finished)
+        self.steps_in_flight += 1
+        self.tokens_in_flight += emitted
+        self.step_seconds += time.perf_counter() - started
+        return emitted
 
     def prefill_pending(self, max_tokens: int = PREFILL_CHUNK_TOKENS) -> int:
         """Prefill the target for active sequences whose prompt is not cached yet, oldest first,
@@ -411,12 +447,14 @@ class Coordinator(Cohorts, RoundSteps):
         valid, faults = self._validate_replies(replies, dict(faults or {}), client_metrics)
         self._observe_roster(plan, faults)
         seqs = [self._active[s] for s in plan.seq_ids if s in self._active]
-        drafts = self._gather_drafts(seqs, valid)
+        drafts = self._skip_decoded(seqs, self._gather_drafts(seqs, valid))
         path = self._select_path(drafts)
         logits, probs, verify_seconds = self._score(seqs, path)
         result = self._verify(logits, probs, path)
         alpha_bar, agreements = self._observe_agreement(drafts, path, logits, probs)
         emitted, finished = self._commit(seqs, path, result, alpha_bar)
+        finished = self._finished_between + finished  # sequences a step while waiting finished, too
+        self._finished_between = []
 
         drafted = int(path.lengths.sum())
         valid_pos = torch.arange(path.tokens.shape[1]).unsqueeze(0) < path.lengths.unsqueeze(1)  # [B, G]
@@ -515,4 +553,6 @@ class Coordinator(Cohorts, RoundSteps):
     def summary(self, wall_seconds: float) -> dict[str, Any]:
         out = summarize(self.finished, self.rounds, self.client_stats, self.vocab_size, wall_seconds, self.weights.snapshot())
         out["limits"] = self.limits()
+        out["target_steps_while_waiting"] = {"steps": self.steps_in_flight, "tokens": self.tokens_in_flight,
+                                             "seconds": self.step_seconds}
         return out

@@ -45,6 +45,22 @@ def tokenizer_identity(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     return {"vocab_size": int(vocab_size), "vocab_sha256": str(fp["vocab_sha256"])}
 
 
+def machine_id() -> str:
+    """This machine's identity (systemd's machine-id, else the hostname): devices on the server's
+    own machine share its CPUs."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+            if value:
+                return value
+        except OSError:
+            continue
+    import socket
+
+    return socket.gethostname()
+
+
 def _flag(value: Any) -> bool:
     """A boolean node/run setting (Flower configs carry bools, strings or 0/1)."""
     if isinstance(value, str):
@@ -100,6 +116,9 @@ class DeviceRuntime:
                 "draft_load_seconds": float(loaded.load_seconds),
                 "draft_loads": int(sum(self.load_counts.values())),
                 "pid": os.getpid(),
+                # which machine drafts: the server runs target steps while it waits only for
+                # devices on other machines (``target-steps-while-waiting``)
+                "host": machine_id(),
             }
         )
         for k in ("max-k", "uplink-mbps", "downlink-mbps", "rtt-ms"):

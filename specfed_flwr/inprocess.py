@@ -64,6 +64,7 @@ class ThreadTransport:
     """Each draft client on its own worker thread (its requests run in order, like one device)."""
 
     poll_interval = 0.05  # the most the loop waits; a finished request wakes it at once
+    shares_server_cpus = True  # device threads run beside the server's (``target-steps-while-waiting``)
 
     def __init__(self, clients: Mapping[str, DraftClient], *, device_cpus: Iterable[int] | None = None):
         self.clients = dict(clients)
@@ -196,6 +197,14 @@ class ProcessTransport:
 
     poll_interval = 0.05
 
+    @property
+    def shares_server_cpus(self) -> bool:
+        """Whether the device process may run on a CPU this (server) thread may run on: unpinned,
+        or pinned to CPUs that overlap the caller's (``target-steps-while-waiting``)."""
+        if self._device_cpus is None or not hasattr(os, "sched_getaffinity"):
+            return True
+        return bool(set(os.sched_getaffinity(0)) & set(self._device_cpus))
+
     def __init__(self, names: Sequence[str], settings: Mapping[str, Any], *, vocab_size: int,
                  limits: SpecFedConfig | None = None, device_cpus: Iterable[int] | None = None, threads: int = 1,
                  start_timeout: float = 600.0):
@@ -205,6 +214,7 @@ class ProcessTransport:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         cpus = list(device_cpus) if device_cpus is not None else None
+        self._device_cpus = cpus
         self._proc = ctx.Process(target=_device_process, args=(child, self.names, dict(settings), cpus, threads),
                                  name="specfed-device", daemon=True)
         self._proc.start()

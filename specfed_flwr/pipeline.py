@@ -26,8 +26,11 @@ its own cohort's sequences with the target, exactly as a strict round would.
    the cohorts one after the other, so they cannot go faster than their own compute;
 5. **idle**: when nothing is ready to verify, the target prefills the prompts of sequences that
    joined (``Coordinator.prefill_pending``, one chunk at a time), so a new sequence's first verify
-   does not run its whole prompt on the round's critical path; with nothing to prefill, wait until
-   something arrives (at most one poll interval).
+   does not run its whole prompt on the round's critical path; with nothing to prefill, it decodes
+   the sequences whose drafts are still out one target-only step (``Coordinator.step_in_flight``,
+   ``target-steps-while-waiting``; their round later drops the positions decoded meanwhile and
+   keeps only drafts that start with those tokens), so the target never waits for devices; only
+   then wait until something arrives (at most one poll interval).
 
 A ``Transport`` moves requests and replies: Flower's grid (``strategies.specfed``) or threads
 in this process (``inprocess``).
@@ -134,6 +137,22 @@ class DepthController:
         return statistics.median(self._idle) < SATURATED_IDLE_FRACTION * max(statistics.median(self._verify), 1e-3)
 
 
+def steps_while_waiting(config: Any, transport: Any) -> bool:
+    """``target-steps-while-waiting``: on, off, or auto = on unless the transport says its devices
+    share the server's CPUs (``shares_server_cpus``: worker threads, the simulation engine), where
+    a target step would only take compute from the drafting it waits for."""
+    mode = getattr(config, "target_steps_while_waiting", "off")
+    if mode == "auto":
+        return not bool(getattr(transport, "shares_server_cpus", False))
+    return mode == "on"
+
+
+def _waiting_sequences(flights: dict[int, InFlight]) -> list[int]:
+    """Sequences whose round is out and not complete yet (their drafts have not all arrived)."""
+    now = time.perf_counter()
+    return [s for f in flights.values() if not f.complete(now) for s in f.plan.seq_ids]
+
+
 def run_rounds(
     coordinator: "Coordinator",
     transport: Transport,
@@ -152,6 +171,7 @@ def run_rounds(
     devices known to keep none)."""
     control = DepthController(depth)
     coordinator.set_depth(control.depth)
+    step_while_waiting = steps_while_waiting(coordinator.config, transport)
     flights: dict[int, InFlight] = {}  # round -> in flight
     while coordinator.has_work or flights:
         # 1. push every idle cohort
@@ -174,8 +194,10 @@ def run_rounds(
         # output, do not depend on which device happened to answer first)
         oldest = min(flights)
         if not flights[oldest].complete(time.perf_counter()):
-            # 5. nothing to verify yet: prefill new sequences' prompts on the target, else wait
-            if not coordinator.prefill_pending():
+            # 5. nothing to verify yet: prefill new sequences' prompts on the target, else decode
+            # the sequences whose drafts are out one target step, else wait
+            if not coordinator.prefill_pending() and not (
+                    step_while_waiting and coordinator.step_in_flight(_waiting_sequences(flights))):
                 transport.wait(transport.poll_interval)
             continue
         flight = flights.pop(oldest)

@@ -104,6 +104,37 @@ class RoundSteps:
         weights = torch.from_numpy(self.weights.weights(clients)).float() if c else torch.zeros(0)  # [C]
         return RoundDrafts(clients=clients, tokens=tokens, lengths=lengths, q=q, kept_mass=kept, weights=weights)
 
+    def _skip_decoded(self, seqs: list[_Sequence], drafts: RoundDrafts) -> RoundDrafts:
+        """Drop from each client's drafts the positions the server decoded itself while this
+        round's requests were out (``Coordinator.step_in_flight``: m tokens past the planned
+        prefix). A client's drafts stay usable only if their first m tokens are exactly those
+        tokens; the rest is then shifted to start at the new prefix. Exact: a draft token at
+        position m + j was drawn given the drafted prefix, which equals the committed one, so its
+        law (and its q_hat) are those of a draft made from the new prefix; a client whose prefix
+        differs drops out of the row, as in consensus selection."""
+        for i, seq in enumerate(seqs):
+            planned = self._planned_committed.get(seq.seq_id)
+            m = len(seq.committed) - planned if planned is not None else 0
+            if m <= 0:
+                continue
+            done = torch.tensor(seq.committed[planned:], dtype=torch.long)  # [m]
+            for c in range(len(drafts.clients)):
+                n = int(drafts.lengths[i, c])
+                keep = n > m and torch.equal(drafts.tokens[i, c, :m], done)
+                g = drafts.tokens.shape[-1]
+                if keep:
+                    drafts.tokens[i, c, : g - m] = drafts.tokens[i, c, m:].clone()
+                    drafts.q.ids[i, c, : g - m] = drafts.q.ids[i, c, m:].clone()
+                    drafts.q.values[i, c, : g - m] = drafts.q.values[i, c, m:].clone()
+                    drafts.q.fill[i, c, : g - m] = drafts.q.fill[i, c, m:].clone()
+                start = n - m if keep else 0
+                drafts.tokens[i, c, start:] = 0
+                drafts.q.ids[i, c, start:] = -1
+                drafts.q.values[i, c, start:] = 0.0
+                drafts.q.fill[i, c, start:] = 0.0
+                drafts.lengths[i, c] = n - m if keep else 0
+        return drafts
+
     def _select_path(self, drafts: RoundDrafts) -> DraftPath:
         """The draft path each sequence verifies (scheme: ``config.selection_scheme()``), cut to
         its longest row so the target scores no position that nobody reached."""

@@ -8,6 +8,7 @@ Both with drafting ahead on, devices on worker threads and in a separate process
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from specfed_flwr.config import SpecFedConfig
 from specfed_flwr.inprocess import InProcessEngine, ProcessTransport
 from specfed_flwr.models import tiny_llama
 from specfed_flwr.pipeline import DepthController
+from specfed_flwr.proposer import HFDraftProposer
 
 VOCAB = 1024
 NEW_TOKENS = 10
@@ -72,6 +74,72 @@ def test_greedy_output_equals_target_generate_with_cohorts_in_flight(models, pro
         assert max(r.active_sequences for r in result.rounds) < cfg.max_active_sequences
     if drafters == 3:
         assert result.metrics["clients"]["garbage"]["rounds_replied"] > 0
+
+
+class _SlowProposer(HFDraftProposer):
+    """A draft that takes its time (a device slower than the target's verify), so that the server
+    has sequences in flight and nothing to verify: it then decodes them itself."""
+
+    delay = 0.05
+
+    def propose(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return super().propose(*args, **kwargs)
+
+
+def _slow_clients(drafts, garbage: bool) -> dict[str, DraftClient]:
+    clients = {f"slow-{i}": DraftClient(_SlowProposer(d, vocab_size=VOCAB), draft_ahead=False) for i, d in enumerate(drafts)}
+    if garbage:
+        clients["garbage"] = DraftClient(RandomDraftProposer(VOCAB, seed=3))
+    return clients
+
+
+@pytest.mark.parametrize("depth,drafters", list(itertools.product(["1", "2"], [1, 3])))
+def test_target_steps_while_waiting_keep_greedy_equal_to_generate(models, prompts, oracle, depth, drafters):
+    """``target-steps-while-waiting=on``: the server decodes sequences whose drafts are out; the
+    round that brings them keeps only drafts that start with those tokens. The output is still
+    the target's own greedy generate, with slow honest drafters and a garbage one."""
+    target, draft_a, draft_b = models
+    cfg = _config(depth, target_steps_while_waiting="on")
+    clients = _slow_clients([draft_a, draft_b] if drafters == 3 else [draft_a], garbage=drafters == 3)
+    result = InProcessEngine(target, [], cfg, eos_token_ids=[], clients=clients).generate(prompts)
+    assert result.token_ids == oracle
+    steps = result.metrics["target_steps_while_waiting"]
+    assert steps["steps"] > 0 and steps["tokens"] > 0
+    off = InProcessEngine(target, [], _config(depth, target_steps_while_waiting="off"), eos_token_ids=[],
+                          clients=_slow_clients([draft_a], garbage=False)).generate(prompts)
+    assert off.token_ids == oracle and off.metrics["target_steps_while_waiting"]["steps"] == 0
+
+
+def test_a_round_keeps_only_drafts_that_start_with_the_tokens_stepped_meanwhile(models, prompts, oracle):
+    """Coordinator level, deterministic: plan a round, let the target step its sequences once
+    while the drafts are out, then complete the round. The target drafting for itself starts
+    with exactly the stepped token, so its drafts are shifted past it and accepted; a garbage
+    client's drafts do not, so it drops out of those rows. Output: the target's generate."""
+    from specfed_flwr.coordinator import Coordinator
+    from specfed_flwr.target import TargetVerifier
+
+    target = models[0]
+    cfg = _config("1", target_steps_while_waiting="on")
+    honest = DraftClient(HFDraftProposer(target, vocab_size=VOCAB))
+    garbage = DraftClient(RandomDraftProposer(VOCAB, seed=5))
+    coord = Coordinator(TargetVerifier(target, vocab_size=VOCAB), cfg, eos_token_ids=[])
+    for p in prompts[:3]:
+        coord.submit(p)
+    plan = coord.plan_cohort(["honest", "garbage"], None)
+    replies = {"honest": honest.handle(plan.requests["honest"])[0], "garbage": garbage.handle(plan.requests["garbage"])[0]}
+    assert coord.prefill_pending() > 0
+    assert coord.step_in_flight(plan.seq_ids) == 3  # one token each, while the drafts were "out"
+    report = coord.complete_round(replies, plan=plan)
+    # the honest drafts lost their first position (the stepped token) and the rest was accepted
+    assert report.accepted == 3 * (cfg.draft_length - 1)
+    assert report.emitted == 3 * cfg.draft_length
+    for seq_id in plan.seq_ids:
+        assert len(coord._active[seq_id].generated) == 1 + cfg.draft_length
+    while coord.has_work:
+        plan = coord.plan_cohort(["honest"], None)
+        coord.complete_round({"honest": honest.handle(plan.requests["honest"])[0]}, plan=plan)
+    assert [r.token_ids for r in sorted(coord.finished, key=lambda r: r.index)] == oracle[:3]
 
 
 def test_drafting_ahead_is_used_and_counted(models, prompts, oracle):
@@ -172,8 +240,8 @@ def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
     return float(chisquare(counts[keep], expected).pvalue)
 
 
-@pytest.mark.parametrize("drafters", [1, 3])
-def test_sampling_keeps_the_target_law_with_cohorts_and_drafting_ahead(drafters):
+@pytest.mark.parametrize("drafters,steps", [(1, "off"), (3, "off"), (1, "on"), (3, "on")])
+def test_sampling_keeps_the_target_law_with_cohorts_and_drafting_ahead(drafters, steps):
     target = tiny_llama(seed=10, vocab_size=SMALL_V)
     drafts = [tiny_llama(seed=11 + i, vocab_size=SMALL_V) for i in range(drafters)]
     prefix = [1, 4, 2]
@@ -184,8 +252,16 @@ def test_sampling_keeps_the_target_law_with_cohorts_and_drafting_ahead(drafters)
     joint = (p1[:, None] * p2).flatten().numpy()  # [V*V]
     cfg = SpecFedConfig(top_k=3, draft_length=3, max_new_tokens=2, max_active_sequences=DRAWS, max_k=SMALL_V,
                         temperature=1.0, seed=1, pipeline_depth="2", draft_ahead=True, weight_drop_below=0.0,
-                        max_prompt_tokens=16)
-    result = InProcessEngine(target, drafts, cfg, eos_token_ids=[]).generate([prefix] * DRAWS)
+                        max_prompt_tokens=16, target_steps_while_waiting=steps)
+    clients = None
+    if steps == "on":  # slow drafters: the server decodes first tokens itself while drafts are out
+        clients = {}
+        for i, d in enumerate(drafts):
+            proposer = _SlowProposer(d, vocab_size=SMALL_V)
+            proposer.delay = 1.0  # longer than prefilling the 12k prompts: the target steps first
+            clients[f"slow-{i}"] = DraftClient(proposer, draft_ahead=False)
+        drafts = []
+    result = InProcessEngine(target, drafts, cfg, eos_token_ids=[], clients=clients).generate([prefix] * DRAWS)
     pairs = np.array([s.token_ids for s in result.sequences])  # [DRAWS, 2]
     assert pairs.shape == (DRAWS, 2)
     assert result.metrics["drafted_positions"] > DRAWS // 2  # drafts were really verified
@@ -194,3 +270,5 @@ def test_sampling_keeps_the_target_law_with_cohorts_and_drafting_ahead(drafters)
     both = np.bincount(pairs[:, 0] * SMALL_V + pairs[:, 1], minlength=SMALL_V * SMALL_V)
     assert _chi2_pvalue(first, p1.numpy()) > 1e-3
     assert _chi2_pvalue(both, joint) > 1e-3
+    if steps == "on":
+        assert result.metrics["target_steps_while_waiting"]["tokens"] > 0

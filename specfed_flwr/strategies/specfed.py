@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from ..config import SpecFedConfig
 from ..faults import EventKind, Fault, FaultKind
 from ..coordinator import Coordinator
+from ..device import machine_id
 from ..round_report import GenerationResult, RoundReport, SequenceResult
 from ..pipeline import InFlight, run_rounds
 from ..protocol import DraftRequest, RoundPlan
@@ -283,6 +284,8 @@ class SpecFedStrategy(Strategy):
             round_walls.append(time.perf_counter() - flight.pushed_at)
 
         transport = GridTransport(grid, self.configure_draft, self.aggregate_draft, self._poll)
+        # devices on this machine (the simulation engine, a loopback deployment) share its CPUs
+        transport.shares_server_cpus = any(str(info.get("host", "")) == machine_id() for info in infos.values())
         run_rounds(coordinator, transport, list(infos), depth=cfg.depth(), round_timeout=cfg.round_timeout,
                    max_rounds=cfg.max_rounds, after_round=after_round,
                    before_plan=lambda: processes.forget_ephemeral(coordinator))
