@@ -22,7 +22,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--no-deployment", action="store_true",
                         help="skip the Flower deployment engine run (real SuperLink/SuperNodes/draft workers)")
     parser.add_argument("--no-federation", action="store_true",
-                        help="skip the pipelined-engine comparison, emulated federation and step costs (fedbench)")
+                        help="skip the pipelined-engine comparison, emulated federation and step costs (bench.federation)")
     parser.add_argument("--device", default="auto", help="target device for the default pair (auto, cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice; 1 for --tiny)")

@@ -31,7 +31,7 @@ def _deployment_targets(fed: dict[str, Any], deployment: Any) -> list[dict[str, 
 
 
 def federation_section(fed: dict[str, Any], deployment: Any = None) -> str:
-    """Pipelined rounds, the emulated federation, draft choice and step costs (``fedbench``)."""
+    """Pipelined rounds, the emulated federation, draft choice and step costs (``federation``)."""
     s: list[str] = ["## Pipelined rounds and the emulated federation\n"]
     s.append("Greedy, the shipped prompts cycled to the concurrency, 32 new tokens, each engine beside "
              "**target-only batched at the same concurrency** (transformers `generate`, left padding) measured "
