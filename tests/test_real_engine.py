@@ -23,7 +23,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def pair():
-    from specfed_flwr.models import load_pair
+    from specfed_flwr.specs import load_pair
 
     return load_pair(device="cpu")
 

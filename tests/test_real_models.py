@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from specfed_flwr import models as M
+from specfed_flwr.models import gguf as G
+from specfed_flwr.specs import load_pair
 from specfed_flwr.tokens import format_prompt
 
 pytestmark = pytest.mark.real_model
@@ -34,7 +36,7 @@ def offline():
     try:
         M.gguf_path()
     except FileNotFoundError as exc:
-        if not (M.cache_dir() / M.DEFAULT_DIRNAME / M._MARKER).is_file():
+        if not (M.cache_dir() / M.DEFAULT_DIRNAME / G._MARKER).is_file():
             pytest.skip(str(exc))
     yield
     for key, value in saved.items():
@@ -46,7 +48,7 @@ def offline():
 
 @pytest.fixture(scope="module")
 def pair(offline):
-    return M.load_pair()
+    return load_pair()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def greedy(pair):
     with torch.inference_mode():
         for text in PROMPTS:
             ids = format_prompt(pair.tokenizer, text)
-            x = torch.tensor([ids], device=pair.target_device)
+            x = torch.tensor([ids], device=next(pair.target.parameters()).device)
             gen = pair.target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
                                        do_sample=False)
             outs.append((ids, gen[0, len(ids):].tolist()))
@@ -77,8 +79,7 @@ def _agreement(draft, device, greedy) -> float:
 def test_default_pair_loads_offline(pair):
     assert pair.vocab_size == 49152
     assert pair.target.config.vocab_size == 49152 and pair.draft.config.vocab_size == 49152
-    assert pair.target_device == M.resolve_device("auto")
-    assert next(pair.target.parameters()).device.type == pair.target_device.type
+    assert next(pair.target.parameters()).device.type == M.resolve_device("auto").type
     assert all(p.dtype == torch.float32 for p in pair.target.parameters())
     quantised = [m for m in pair.draft.modules() if isinstance(m, M.QuantLinear)]
     # int4 body (30 layers x 7 linears), int8 vocabulary-sized head
@@ -86,11 +87,11 @@ def test_default_pair_loads_offline(pair):
     assert sorted({m.bits for m in quantised if m.out_features != 49152}) == [4]
     assert [m.bits for m in quantised if m.out_features == 49152] == [8]
     assert not any(isinstance(m, torch.nn.Linear) for m in pair.draft.modules())
-    target_bytes, draft_bytes = pair.info["target"]["parameter_bytes"], pair.info["draft"]["parameter_bytes"]
+    target_bytes, draft_bytes = pair.target.specfed_info["parameter_bytes"], pair.draft.specfed_info["parameter_bytes"]
     assert target_bytes == M.model_nbytes(pair.target) > 500e6
     assert draft_bytes == M.model_nbytes(pair.draft) < 0.3 * target_bytes
-    assert pair.info["draft"]["quantization"] == "int4" and pair.info["target"]["dtype"] == "float32"
-    json.dumps(pair.info)
+    assert pair.draft.specfed_info["quantization"] == "int4" and pair.target.specfed_info["dtype"] == "float32"
+    json.dumps([pair.target.specfed_info, pair.draft.specfed_info])
 
 
 def test_tokenizer_and_chat_prompt(pair):
@@ -103,25 +104,25 @@ def test_tokenizer_and_chat_prompt(pair):
 
 
 def test_int4_draft_agrees_with_the_target(pair, greedy):
-    assert _agreement(pair.draft, pair.draft_device, greedy) >= 0.85
+    assert _agreement(pair.draft, next(pair.draft.parameters()).device, greedy) >= 0.85
 
 
 def test_int8_draft_loads_larger_and_also_agrees(offline, pair, greedy):
     draft, tokenizer = M.load_draft("default", quantization="int8")
     assert M.check_vocab_compatible((pair.target, pair.tokenizer), (draft, tokenizer)) == 49152
-    assert M.model_nbytes(draft) > pair.info["draft"]["parameter_bytes"]
+    assert M.model_nbytes(draft) > pair.draft.specfed_info["parameter_bytes"]
     assert _agreement(draft, torch.device("cpu"), greedy[:2]) >= 0.75
 
 
 def test_the_cached_conversion_is_reused(offline):
     first = M.default_model_dir()
-    marker = first / M._MARKER
+    marker = first / G._MARKER
     stamp = marker.stat().st_mtime_ns
-    conversions = M.CONVERSIONS
+    conversions = G.CONVERSIONS
     started = time.perf_counter()
     again = M.default_model_dir()
     assert time.perf_counter() - started < 1.0
-    assert again == first and M.CONVERSIONS == conversions and marker.stat().st_mtime_ns == stamp
+    assert again == first and G.CONVERSIONS == conversions and marker.stat().st_mtime_ns == stamp
     assert (first / "model.safetensors").is_file() and (first / "tokenizer.json").is_file()
     assert (first / "generation_config.json").is_file()
     config = json.loads((first / "config.json").read_text())

@@ -1,7 +1,7 @@
 """What a user would run instead, side by side: the engines at the same concurrency, on shared
 and on split CPUs, plus the draft/verify step costs and the draft-quantization choice.
 
-Part of ``specfed-flwr bench`` (``bench.Bench._federation``). Every comparison is made within one
+Part of ``specfed-flwr bench`` (``bench.jobs_federation``). Every comparison is made within one
 repetition (the machine is noisy: ratios of runs made back to back, medians over repetitions):
 
 * **target-only**: transformers' ``generate``, greedy, batched with left padding at the same
@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .config import SpecFedConfig
+from ..config import SpecFedConfig
 
 
 def cpu_seconds() -> float:
@@ -108,7 +108,7 @@ def target_only(model: torch.nn.Module, prompts: list[list[int]], *, concurrency
 def speculative(target: torch.nn.Module, prompts: list[list[int]], cfg: SpecFedConfig, *, eos: list[int],
                 drafts: Sequence[torch.nn.Module] = (), transport: Any = None) -> dict[str, Any]:
     """The in-process engine over ``prompts`` (threads, or ``transport``)."""
-    from .inprocess import InProcessEngine
+    from ..inprocess import InProcessEngine
 
     engine = InProcessEngine(target, list(drafts), cfg, eos_token_ids=eos, transport=transport)
     result, wall, cpu = _measured(lambda: engine.generate(prompts))
@@ -142,7 +142,7 @@ def compare_engines(pair, prompts: list[list[int]], *, concurrencies: Sequence[i
                     max_new_tokens: int = 32, draft_spec: tuple[str, str] = ("default", "int4"),
                     progress=None) -> list[dict[str, Any]]:
     """One record per (engine, concurrency, layout, repetition), ratios within each repetition."""
-    from .inprocess import ProcessTransport
+    from ..inprocess import ProcessTransport
 
     records: list[dict[str, Any]] = []
     layout = split_layout()
@@ -214,7 +214,7 @@ def draft_choice(pair, prompts: list[list[int]], *, reps: int = 2, max_new_token
                  quantizations: Sequence[str] = ("int4", "int8")) -> list[dict[str, Any]]:
     """alpha x speed of each draft quantization: the in-process engine at concurrency 1 (strict
     rounds, no drafting ahead: the draft's own cost), interleaved, beside target-only."""
-    from .specs import load_draft_spec
+    from ..specs import load_draft_spec
 
     drafts = {q: load_draft_spec(pair.draft_spec, q).model.eval() for q in quantizations}
     work = workload(prompts, 1)

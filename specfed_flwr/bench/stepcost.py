@@ -29,9 +29,9 @@ from typing import Sequence
 
 import torch
 
-from .kvcache import forward_with_cache
-from .proposer import HFDraftProposer
-from .target import TargetVerifier
+from ..kvcache import forward_with_cache
+from ..proposer import HFDraftProposer
+from ..target import TargetVerifier
 
 
 @dataclass

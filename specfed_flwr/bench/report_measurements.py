@@ -1,0 +1,137 @@
+"""The measurement sections of the report: the sweeps, the fixed prefixes (alpha, output law,
+Monte Carlo check), the modeled latency and the theory beside the measurement."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .report_format import fmt, fmt_tv, table
+
+if TYPE_CHECKING:
+    from .suite import Bench
+
+
+def sweeps_section(bench: "Bench") -> list[str]:
+    """One table per sweep axis."""
+    s: list[str] = []
+    s.append("## Sweeps (in-process engine, sampling at temperature 1)\n")
+    s.append(_sweep_table(bench, "k", "K"))
+    s.append(_sweep_table(bench, "reconstruction", "reconstruction"))
+    s.append(_sweep_table(bench, "gamma", "gamma"))
+    s.append(_sweep_table(bench, "clients", "clients"))
+    s.append(_sweep_table(bench, "concurrency", "concurrency"))
+    return s
+
+
+def fixed_prefix_section(bench: "Bench") -> list[str]:
+    """Alpha, kept mass and the output law at fixed prefixes, and the Monte Carlo check."""
+    pr = bench.preset
+    v = bench.pair.vocab_size
+    s: list[str] = []
+    fx = bench.fixed
+    s.append(f"## Fixed prefixes: alpha and output bias without sampling noise ({fx['prefixes']} prefixes)\n")
+    rows = []
+    for lab, d in fx["per_k"].items():
+        rows.append([lab if lab != "V" else f"V={v}", d["bytes_per_position"], fmt(d["compression_vs_fp32"], ".0f") + "x",
+                     fmt(d["kept_mass"], ".4f")] + [fmt(d["alpha"][r], ".4f") for r in pr.reconstructions]
+                    + [fmt(d["tv_q_qhat"]["uniform"], ".4f") if "uniform" in d["tv_q_qhat"] else "–"])
+    first = next(iter(fx["per_k"].values()))
+    s.append(table(["K", "B/position", "x fp32", "kept mass S"] + [f"alpha ({r})" for r in pr.reconstructions]
+                    + ["TV(q, q_hat) uniform"], rows))
+    s.append(f"\nalpha of the untruncated draft q at the same prefixes: {first['alpha_full_q']:.4f}.\n")
+    s.append("Output law of one speculative step vs the target (exact enumeration; `sparse` schemes are exact by "
+             "construction, `full` is the paper-faithful mode that verifies a token drawn from q against q_hat):\n")
+    rows = [[d["k"], d["reconstruction"], d["draft_sampling"], fmt_tv(d["tv_to_target"]),
+             fmt(d["tv_max"], ".4f"), fmt(d["tv_bound_1_minus_S"], ".4f"), fmt(d["tv_enumeration_error"], ".1e"), d["prefixes"]]
+            for d in sorted(bench.tv_table.values(), key=lambda d: (d["draft_sampling"], d["reconstruction"], d["k"]))]
+    s.append(table(["K", "reconstruction", "draft sampling", "TV to target (mean)", "TV max", "bound 1 - S (mean)",
+                     "enumeration error <=", "prefixes"], rows))
+    if bench.mc:
+        mc0 = bench.mc[0]
+        s.append(f"\nMonte Carlo check with the engine's own functions (sparsify -> reconstruct -> select_draft_path -> "
+                 f"verify_sampling), {mc0['samples']} draws at one prefix (prompt {mc0['prefix']['prompt']}, position "
+                 f"{mc0['prefix']['position']}; the TV prefix with the largest 1 - S, kept mass {mc0['kept_mass']:.3f}); "
+                 f"the noise floor is the median TV of {mc0['samples']} draws from p itself to p: "
+                 f"{mc0['tv_noise_floor']:.4f}.\n")
+        s.append(table(["reconstruction", "draft sampling", "TV(histogram, p)", "TV(histogram, exact law)",
+                         "TV(exact law, p)"],
+                        [[r["reconstruction"], r["draft_sampling"], fmt(r["tv_mc_to_target"], ".4f"),
+                          fmt(r["tv_mc_to_exact_law"], ".4f"), fmt(r["tv_exact_law_to_target"], ".4f")] for r in bench.mc]))
+        s.append("")
+    return s
+
+
+def latency_section(bench: "Bench") -> list[str]:
+    """The modeled latency per link profile."""
+    s: list[str] = []
+    lat = bench.latency
+    inp = lat["inputs"]
+    s.append("## Modeled end-to-end latency per link profile\n")
+    s.append(f"One sequence, one device per client drafting in parallel, gamma={inp['gamma']}: round = draft "
+             f"({1000 * inp['draft_s_per_position']:.1f} ms/position, measured) + uplink bytes / uplink + "
+             f"downlink bytes ({inp['downlink_bytes_per_round']:.0f} B, measured) / 50 Mbit/s + RTT + verify "
+             f"({1000 * inp['verify_s_per_round']:.1f} ms, measured) + server other ({1000 * inp['server_other_s_per_round']:.1f} ms); "
+             f"per token = round / tau (tau {inp['tau_topk']:.2f} at K=8, {inp['tau_full']:.2f} with the full "
+             f"distribution, K=V). Uplink bytes per round: " +
+             ", ".join(f"{k} {b:,.0f} B" for k, b in inp["uplink_bytes_per_round"].items()) +
+             f". Target-only = the server decodes alone: {1000 * inp['target_only_s_per_token']:.1f} ms/token (measured) "
+             f"+ one RTT per answer. Engine overhead is not included (see the Flower table).\n")
+    rows = [[f"{r['uplink_mbps']:g}", f"{r['rtt_ms']:g}", fmt(1000 * r["top-K (K=8)"]["s_per_token"], ".1f"),
+             fmt(1000 * r["full fp32"]["s_per_token"], ".1f"), fmt(1000 * r["full fp16"]["s_per_token"], ".1f"),
+             fmt(1000 * r["target-only"]["s_per_token"], ".1f"), fmt(r["speedup_topk_vs_full_fp32"], ".1f") + "x",
+             fmt(r["speedup_topk_vs_target_only"], ".2f") + "x"] for r in lat["rows"]]
+    s.append(table(["uplink Mbit/s", "RTT ms", "top-K ms/token", "full fp32 ms/token", "full fp16 ms/token",
+                     "target-only ms/token", "top-K vs full fp32", "top-K vs target-only"], rows))
+    s.append("")
+    return s
+
+
+def theory_section(bench: "Bench") -> list[str]:
+    """gamma* and tau: theory beside the measurement."""
+    s: list[str] = []
+    th = bench.theory
+    s.append("## Theory beside the measurement\n")
+    s.append(table(["", "compute only (in-process, measured)", f"at {th['profile']['uplink_mbps']:g} Mbit/s, {th['profile']['rtt_ms']:g} ms RTT (modeled)"], [
+        ["alpha (base run)", fmt(th["alpha"], ".3f"), fmt(th["alpha"], ".3f")],
+        ["a = per draft position (s)", fmt(th["a_compute"], ".4f") + " (fit of round time vs gamma, 2 clients in turn)",
+         fmt(th["a_link"], ".4f") + " (parallel clients + bytes/uplink)"],
+        ["b = per round (s)", fmt(th["b_compute"], ".4f"), fmt(th["b_link"], ".4f") + " (+ RTT + downlink)"],
+        ["gamma* (Lambert W)", fmt(th["gamma_star_compute"], ".2f"), fmt(th["gamma_star_link"], ".2f")],
+        ["best integer gamma (theory)", fmt(th["gamma_best_int_compute"]), fmt(th["gamma_best_int_link"])],
+        ["best gamma measured", fmt(th["measured_best_gamma_compute"]) + " (max tok/s)",
+         fmt(th["measured_best_gamma_link"]) + " (measured tau and round times + link model)"],
+    ]))
+    s.append(f"\nMeasured tau (full-gamma rounds) vs the i.i.d. theory (1 - alpha^(gamma+1)) / (1 - alpha): " + ", ".join(
+        f"gamma={g}: {fmt(t, '.2f')} vs {fmt(th['theory_tau'].get(g), '.2f')}" for g, t in th["measured_tau"].items())
+        + f". The alpha that fits the measured tau best is {th['alpha_fit_from_tau']:.3f}.\n")
+    return s
+
+
+def _sweep_table(bench, axis: str, title: str) -> str:
+    rows = bench.sweep_rows(axis)
+    if axis != "base":
+        key = {"k": lambda r: bench.pair.vocab_size if r["k_label"] == "V" else int(r["k_label"]),
+               "reconstruction": lambda r: (r["draft_sampling"], r["reconstruction"]),
+               "gamma": lambda r: r["gamma"], "clients": lambda r: r["clients"],
+               "concurrency": lambda r: r["concurrency"]}[axis]
+        rows = sorted({id(r): r for r in rows}.values(), key=key)
+    out = [f"### {title}\n"]
+    body = []
+    for r in rows:
+        pp = r.get("per_position_acceptance") or []
+        body.append([
+            r["k_label"] if axis == "k" else r["k"], r["reconstruction"], r["draft_sampling"], r["gamma"], r["clients"],
+            r["concurrency"], fmt(r["alpha"]), fmt(r.get("alpha_fixed_prefixes")), fmt(r["tau"], ".2f"),
+            fmt(r.get("tau_full_rounds"), ".2f"),
+            fmt(r["acceptance_rate"]), " ".join(fmt(x, ".2f") for x in pp[:10]),
+            fmt(r["uplink_bytes_per_position"], ".0f"), fmt(r["uplink_bytes_per_accepted_token"], ".0f"),
+            fmt(r["compression_vs_fp32"], ".0f") + "x", fmt(r["compression_vs_fp16"], ".0f") + "x",
+            fmt_tv(r.get("tv_to_target")),
+            fmt(r["tokens_per_s"], ".1f"),
+            f"{1000 * r['round_s_mean']:.0f} ({1000 * r['draft_s_per_round']:.0f}/{1000 * r['verify_s_per_round']:.0f})",
+            "" if r["axis"] != "base" else "base",
+        ])
+    out.append(table(["K", "rule", "draft sampling", "gamma", "clients", "conc.", "alpha", "alpha (fixed prefixes)",
+                       "tau", "tau (full rounds)", "acc. rate", "per-position acceptance", "B/position", "B/accepted", "x fp32", "x fp16",
+                       "TV to target", "tok/s", "round ms (draft/verify)", ""], body))
+    return "\n".join(out) + "\n"
