@@ -102,11 +102,13 @@ class SpecFedConfig:
     rounds), at most 4, and exactly 2 while the devices are saturated (their requests queue at
     them). With a fixed depth a sampled output is reproducible run to run"""
     target_steps_while_waiting: Literal["auto", "on", "off"] = "auto"
-    """when the server has nothing to verify or prefill, the target decodes the sequences whose drafts
-    are out one step (what a round with an empty draft emits, so the output law is unchanged); their
-    round then keeps only drafts that start with the tokens decoded meanwhile. The target never waits
-    for devices. `auto` = on unless the devices share the server's CPUs (worker threads, the
-    simulation engine), where a target step only takes compute from the drafting it waits for"""
+    """when the server has nothing to verify or prefill and a round's drafts are late (before any
+    round completed: the devices are prefilling; or past twice the recent median exchange: a slow or
+    lost device), the target decodes that round's sequences one step at a time (what a round with
+    an empty draft emits, so the output law is unchanged); the late round then keeps only drafts that
+    start with the tokens decoded meanwhile. `auto` = on unless the devices share the server's CPUs
+    (worker threads, the simulation engine, devices on this machine), where a target step only takes
+    compute from the drafting it waits for"""
     uplink_encoding: Literal["auto", "fixed-k", "budgeted", "budgeted-compact"] = "auto"
     """how a reply travels (docs/DESIGN.md, wire format): `fixed-k` (K uint16/int32 ids + K float16
     probabilities per position, 12 B per sequence of header), `budgeted` (a uint8 count per position,

@@ -27,10 +27,12 @@ its own cohort's sequences with the target, exactly as a strict round would.
 5. **idle**: when nothing is ready to verify, the target prefills the prompts of sequences that
    joined (``Coordinator.prefill_pending``, one chunk at a time), so a new sequence's first verify
    does not run its whole prompt on the round's critical path; with nothing to prefill, it decodes
-   the sequences whose drafts are still out one target-only step (``Coordinator.step_in_flight``,
-   ``target-steps-while-waiting``; their round later drops the positions decoded meanwhile and
-   keeps only drafts that start with those tokens), so the target never waits for devices; only
-   then wait until something arrives (at most one poll interval).
+   the sequences whose drafts are late one target-only step (``Coordinator.step_in_flight``,
+   ``target-steps-while-waiting``; late = the devices are prefilling them, or the round is past
+   twice the recent median exchange: ``stalled_sequences``; their round later drops the positions decoded
+   meanwhile and keeps only drafts that start with those tokens), so the target does not wait for
+   prefilling, slow or lost devices; only then wait until something arrives (at most one poll
+   interval).
 
 A ``Transport`` moves requests and replies: Flower's grid (``strategies.specfed``) or threads
 in this process (``inprocess``).
@@ -69,6 +71,10 @@ class InFlight:
     raw: dict[str, Any] = field(default_factory=dict)  # device -> transport's raw reply
     arrivals: dict[str, float] = field(default_factory=dict)  # device -> perf_counter() when it arrived
     handles: dict[str, Any] = field(default_factory=dict)  # transport's own bookkeeping (message ids, futures)
+    prefilling: set[int] = field(init=False)  # sequences the devices get whole this round (``RoundPlan.prefilling``)
+
+    def __post_init__(self) -> None:
+        self.prefilling = self.plan.prefilling()
 
     def complete(self, now: float) -> bool:
         return self.expected <= set(self.raw) or now >= self.deadline
@@ -147,10 +153,33 @@ def steps_while_waiting(config: Any, transport: Any) -> bool:
     return mode == "on"
 
 
-def _waiting_sequences(flights: dict[int, InFlight]) -> list[int]:
-    """Sequences whose round is out and not complete yet (their drafts have not all arrived)."""
+#: a round whose exchange has taken this many times the recent median is stalled (a device is
+#: prefilling, slow or gone): the target decodes its sequences meanwhile (``stalled_sequences``)
+STALL_FACTOR = 2.0
+
+
+def stalled_sequences(flights: dict[int, InFlight], recent_exchanges: list[float]) -> list[int]:
+    """Sequences whose drafts are out and late: sequences the devices are prefilling (they got
+    them whole this round: that takes as long as the prompt, nobody knows how long), and those of a
+    round whose exchange has taken ``STALL_FACTOR`` x the median of the recent steady rounds
+    (rounds without prefill; none yet: not late).
+
+    Why only those: in a steady state a target step while drafts are out replaces a token the
+    drafts would have brought at no cost (a round then yields about m + alpha^m * tau(gamma - m)
+    tokens instead of tau(gamma), no more) and lengthens the device's next delta, so it only pays
+    where the drafts are late: then the target decodes on, as target-only would, and the late
+    drafts are used where they still fit (``RoundSteps._skip_decoded``)."""
     now = time.perf_counter()
-    return [s for f in flights.values() if not f.complete(now) for s in f.plan.seq_ids]
+    limit = STALL_FACTOR * statistics.median(recent_exchanges) if recent_exchanges else math.inf
+    out: list[int] = []
+    for f in flights.values():
+        if f.complete(now):
+            continue
+        if now - f.pushed_at > limit:
+            out.extend(f.plan.seq_ids)
+        else:
+            out.extend(sorted(f.prefilling))
+    return out
 
 
 def run_rounds(
@@ -172,6 +201,7 @@ def run_rounds(
     control = DepthController(depth)
     coordinator.set_depth(control.depth)
     step_while_waiting = steps_while_waiting(coordinator.config, transport)
+    exchanges: list[float] = []  # the last completed rounds' exchange times (``stalled_sequences``)
     flights: dict[int, InFlight] = {}  # round -> in flight
     while coordinator.has_work or flights:
         # 1. push every idle cohort
@@ -197,12 +227,14 @@ def run_rounds(
             # 5. nothing to verify yet: prefill new sequences' prompts on the target, else decode
             # the sequences whose drafts are out one target step, else wait
             if not coordinator.prefill_pending() and not (
-                    step_while_waiting and coordinator.step_in_flight(_waiting_sequences(flights))):
+                    step_while_waiting and coordinator.step_in_flight(stalled_sequences(flights, exchanges))):
                 transport.wait(transport.poll_interval)
             continue
         flight = flights.pop(oldest)
         replies, metrics, faults = transport.decode(flight)
         exchange = flight.exchange_seconds
+        if not flight.prefilling:  # the stall rule compares with steady rounds only
+            exchanges = (exchanges + [exchange])[-AUTO_WINDOW:]
         report = coordinator.complete_round(replies, client_metrics=metrics, faults=faults,
                                             round_seconds=exchange, plan=flight.plan)
         # 4. depth

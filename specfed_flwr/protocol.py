@@ -191,3 +191,12 @@ class RoundPlan:
     seq_ids: list[int]
     requests: dict[str, DraftRequest]
     committed: dict[int, int]
+
+    def prefilling(self) -> set[int]:
+        """Sequences every asked device receives whole (start 0): their drafts wait for the devices
+        to prefill the prompt first, however long that takes."""
+        starts: dict[int, list[int]] = {}
+        for request in self.requests.values():
+            for seq_id, start in zip(request.seq_ids.tolist(), request.starts.tolist()):
+                starts.setdefault(int(seq_id), []).append(int(start))
+        return {s for s, st in starts.items() if all(x == 0 for x in st)}
