@@ -31,8 +31,6 @@ LONG_FUNCTIONS = {
     "models.py:*": _SPLITTING,
     "fedbench.py:*": _SPLITTING,
     "stepcost.py:*": _SPLITTING,
-    "wire.py:_decode": "wire.py's reply format is being changed on another branch (variable K per position); "
-                       "split the decoder's checks into steps after that lands",
 }
 
 #: import edges a lazy import inside a function may keep, with why (none: fix the cycle instead)
