@@ -71,6 +71,12 @@ A ``budget`` (config ``uplink-budget``, bytes per drafted position, all-in) beco
 allowance per position (:func:`slot_allowance`: the budget minus the count byte and the headers
 amortised over ``gamma`` positions, divided by the bytes of one slot). A reply may carry at most
 ``max(1, allowance) * N`` slots (:func:`check_budget`).
+
+Modules
+-------
+This module holds the entry points (:func:`decode_reply`, :func:`make_reply`, :func:`reply_to_arrays`)
+and byte accounting; ``wire_base`` the reply type, the error, limits and the checks both layouts
+share; ``wire_fixed`` and ``wire_variable`` the layouts. Import every public name from here.
 """
 
 from __future__ import annotations
