@@ -33,7 +33,8 @@ class RandomDraftProposer(DraftProposer):
     def forget(self, seq_id: int) -> None:
         self._known.pop(seq_id, None)
 
-    def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0, warp=None) -> DraftReply:
+    def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0, warp=None, keys=None,
+                row_warps=None) -> DraftReply:
         b = len(seq_ids)
         k = min(int(k), self.vocab_size)
         g = max([int(x) for x in gammas], default=0)

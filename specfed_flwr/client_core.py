@@ -42,6 +42,14 @@ class DraftMetrics:
         }
 
 
+def row_warps(request: DraftRequest) -> list[SamplingSettings]:
+    """Each row's sampler: its own temperature / top-p / top-k-sampling with the request's min-p
+    and repetition penalty -- the law the server verifies that row against, so drafts land in it."""
+    return [SamplingSettings(temperature=float(t), top_k=int(k), top_p=float(p), min_p=request.min_p,
+                             repetition_penalty=request.repetition_penalty)
+            for t, p, k in zip(request.temperatures.tolist(), request.top_ps.tolist(), request.top_ks.tolist())]
+
+
 class DraftClient:
     def __init__(self, proposer: DraftProposer, max_k: int | None = None, max_gamma: int | None = None, *,
                  draft_ahead: bool = False):
@@ -77,6 +85,8 @@ class DraftClient:
                 round_=request.round,
                 warp=SamplingSettings(top_k=request.top_k_sampling, top_p=request.top_p, min_p=request.min_p,
                                       repetition_penalty=request.repetition_penalty),
+                keys=request.keys.tolist(),
+                row_warps=row_warps(request),
             )
             elapsed = time.perf_counter() - start
             after = self.proposer.stats

@@ -27,6 +27,7 @@ from .cohorts import Cohorts
 from .config import SpecFedConfig
 from .faults import EventKind, Fault, FaultKind
 from .protocol import DraftRequest, RoundPlan
+from .randomness import MAX_SEED, sequence_key
 from .roster import NodeRoster
 from .round_report import LIMITS, ClientStats, RoundReport, SequenceResult
 from .round_steps import RoundSteps, _Sequence
@@ -81,7 +82,6 @@ class Coordinator(Cohorts, RoundSteps):
         self.roster = NodeRoster(config.max_missed_rounds, config.rejoin_after_rounds)
         self.finished: list[SequenceResult] = []
         self.rounds: list[RoundReport] = []
-        self._generator = torch.Generator().manual_seed(int(config.seed))
         self.limit_hits: dict[str, int] = {name: 0 for name in LIMITS}
         self._collapsed: set[str] = set()
 
@@ -124,14 +124,23 @@ class Coordinator(Cohorts, RoundSteps):
         stop: Sequence[str] | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
+        seed: int | None = None,
     ) -> int:
         """Queue a prompt; ``max_new_tokens``, ``stop``, ``temperature`` and ``top_p`` override the
         run's for this sequence.
 
-        A per-prompt temperature / top-p changes only the law the server verifies this row against
-        (exact whatever the devices drafted from). Temperature 0 in a sampling run is greedy as a
-        point mass on the argmax (top-k 1). A sampling prompt in a greedy run is refused: greedy
-        runs draft and select greedily, which is not a sample of what is sent."""
+        A per-prompt temperature / top-p sets the law the server verifies this row against, and the
+        devices draft the row from it too (``DraftRequest.temperatures`` / ``top_ps``). Temperature 0
+        in a sampling run is greedy as a point mass on the argmax (top-k 1). A sampling prompt in a
+        greedy run is refused: greedy runs draft and select greedily, which is not a sample of what
+        is sent.
+
+        ``seed`` (0..2**63-1): the sequence's own randomness key (``randomness.sequence_key``); its
+        sampled output then depends only on (prompt, seed, run settings, models), not on the other
+        prompts, their order, the cohorts or the pipeline depth. Without it the key comes from the
+        run's seed and ``index``."""
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer in 0..2**63-1, got {seed!r}")
         sampling = None
         if temperature is not None or top_p is not None:
             if self.config.greedy and temperature is not None and float(temperature) > 0:
@@ -173,6 +182,8 @@ class Coordinator(Cohorts, RoundSteps):
                 sampling=sampling,
             )
         )
+        seq = self._waiting[-1]
+        seq.key = sequence_key(seed, self.config.seed, seq.index)
         return seq_id
 
     @property
@@ -276,15 +287,19 @@ class Coordinator(Cohorts, RoundSteps):
         allowed = set(self.roster.selectable(self.round, self._collapsed))
         seqs = [s for s in self._active.values() if cohort is None or s.cohort == cohort]
         requests: dict[str, DraftRequest] = {}
+        run_sampler = SamplingSettings.from_config(self.config)
         for client in clients:
             if client not in allowed:
                 continue
             gamma, k = self.settings_for(client)
-            entries = []
+            entries, keys, rows = [], [], []
             for seq in self._drafts_for(client, seqs):
                 g = max(0, min(gamma, seq.remaining - 1))
                 known = seq.client_known.get(client, 0)
                 entries.append((seq.seq_id, known, seq.committed[known:], g))
+                own = seq.sampling or run_sampler  # the row's sampler, so devices draft from its law
+                keys.append(seq.key)
+                rows.append((own.temperature, own.top_p, own.top_k))
             release = sorted(self._to_release.get(client, set()))
             if not entries and not release:
                 continue
@@ -300,6 +315,8 @@ class Coordinator(Cohorts, RoundSteps):
                 top_p=self.config.top_p,
                 min_p=self.config.min_p,
                 repetition_penalty=self.config.repetition_penalty,
+                keys=keys,
+                rows=rows,
             )
         plan = RoundPlan(round=self.round, cohort=cohort, seq_ids=[s.seq_id for s in seqs], requests=requests,
                          committed={s.seq_id: len(s.committed) for s in seqs})
@@ -388,9 +405,9 @@ class Coordinator(Cohorts, RoundSteps):
         self._observe_roster(plan, faults)
         seqs = [self._active[s] for s in plan.seq_ids if s in self._active]
         drafts = self._gather_drafts(seqs, valid)
-        path = self._select_path(drafts)
+        path = self._select_path(seqs, drafts)
         logits, probs, verify_seconds = self._score(seqs, path)
-        result = self._verify(logits, probs, path)
+        result = self._verify(seqs, logits, probs, path)
         alpha_bar, agreements = self._observe_agreement(drafts, path, logits, probs)
         emitted, finished = self._commit(seqs, path, result, alpha_bar)
 

@@ -5,6 +5,11 @@ Per sequence the server sends only the tokens accepted since that client last he
 sent the whole sequence with start 0), and how many positions to draft. K, the temperature
 and the sampling mode are per client per round. Sequences the server finished are listed in
 ``release`` so the client frees their caches.
+
+Per row the request also carries the sequence's randomness key (``keys``: devices key their
+draft uniforms by it and the absolute position, see ``randomness.py``) and the row's own sampler
+(``temperatures`` / ``top_ps`` / ``top_ks``: a prompt's own temperature / top-p, so devices draft
+each row from the law the server verifies it against).
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ class DraftRequest:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     release: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # int64 [R]
+    # per row: randomness key (0..2**63-1) and the row's sampler (temperature > 0, top-p, top-k-sampling);
+    # None in the constructor only: ``build`` / ``from_parts`` always fill them
+    keys: np.ndarray | None = None  # int64 [B]
+    temperatures: np.ndarray | None = None  # float64 [B]: the row's sampling temperature (> 0; unused when greedy)
+    top_ps: np.ndarray | None = None  # float64 [B]
+    top_ks: np.ndarray | None = None  # int32 [B]
 
     @classmethod
     def build(
@@ -56,8 +67,18 @@ class DraftRequest:
         top_p: float = 1.0,
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
+        keys: list[int] | None = None,
+        rows: list[tuple[float, float, int]] | None = None,
     ) -> "DraftRequest":
-        """From ``(seq_id, start, delta, gamma)`` tuples."""
+        """From ``(seq_id, start, delta, gamma)`` tuples; ``keys`` (per entry, default: from
+        ``seed`` and the sequence id) and ``rows`` (per entry ``(temperature, top_p,
+        top_k_sampling)``, default: the request's own) are the rows' randomness keys and samplers."""
+        from .randomness import sequence_key
+
+        if keys is None:
+            keys = [sequence_key(None, seed, e[0]) for e in entries]
+        if rows is None:
+            rows = [(float(temperature) if temperature > 0 else 1.0, float(top_p), int(top_k_sampling))] * len(entries)
         offsets = np.zeros(len(entries) + 1, dtype=np.int64)
         for i, (_, _, delta, _) in enumerate(entries):
             offsets[i + 1] = offsets[i] + len(delta)
@@ -78,6 +99,10 @@ class DraftRequest:
             top_p=float(top_p),
             min_p=float(min_p),
             repetition_penalty=float(repetition_penalty),
+            keys=np.array(keys, dtype=np.int64).reshape(-1),
+            temperatures=np.array([r[0] for r in rows], dtype=np.float64),
+            top_ps=np.array([r[1] for r in rows], dtype=np.float64),
+            top_ks=np.array([r[2] for r in rows], dtype=np.int32),
         )
 
     def delta(self, b: int) -> np.ndarray:
@@ -91,6 +116,10 @@ class DraftRequest:
             "delta_tokens": self.delta_tokens,
             "gammas": self.gammas,
             "release": self.release,
+            "keys": self.keys,
+            "temperatures": self.temperatures,
+            "top_ps": self.top_ps,
+            "top_ks": self.top_ks,
         }
 
     def config(self) -> dict[str, Any]:
@@ -112,6 +141,11 @@ class DraftRequest:
     @classmethod
     def from_parts(cls, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> "DraftRequest":
         """Rebuild and validate a request received over the wire."""
+        kinds = {"keys": "iu", "top_ks": "iu", "temperatures": "f", "top_ps": "f"}
+        for name, kind in kinds.items():  # a float key or a string temperature is refused, not cast
+            if name in arrays and np.asarray(arrays[name]).dtype.kind not in kind:
+                raise ProtocolError(f"draft request field {name!r} has dtype {np.asarray(arrays[name]).dtype}, "
+                                    f"expected {'integers' if kind == 'iu' else 'floats'}")
         try:
             req = cls(
                 seq_ids=np.asarray(arrays["seq_ids"], dtype=np.int64),
@@ -129,6 +163,10 @@ class DraftRequest:
                 top_p=float(config.get("top-p", 1.0)),
                 min_p=float(config.get("min-p", 0.0)),
                 repetition_penalty=float(config.get("repetition-penalty", 1.0)),
+                keys=np.asarray(arrays["keys"], dtype=np.int64),
+                temperatures=np.asarray(arrays["temperatures"], dtype=np.float64),
+                top_ps=np.asarray(arrays["top_ps"], dtype=np.float64),
+                top_ks=np.asarray(arrays["top_ks"], dtype=np.int32),
             )
         except KeyError as exc:
             raise ProtocolError(f"draft request is missing {exc.args[0]!r}") from None
@@ -137,9 +175,11 @@ class DraftRequest:
 
     def validate(self, vocab_size: int | None = None) -> None:
         b = self.seq_ids.shape[0]
-        for name in ("seq_ids", "starts", "gammas"):
-            if getattr(self, name).shape != (b,):
-                raise ProtocolError(f"draft request field {name!r} has shape {getattr(self, name).shape}, expected ({b},)")
+        for name in ("seq_ids", "starts", "gammas", "keys", "temperatures", "top_ps", "top_ks"):
+            value = getattr(self, name)
+            if value is None or value.shape != (b,):
+                got = "no value" if value is None else f"shape {value.shape}"
+                raise ProtocolError(f"draft request field {name!r} has {got}, expected shape ({b},)")
         if self.delta_offsets.shape != (b + 1,) or self.delta_offsets[0] != 0 or np.any(np.diff(self.delta_offsets) < 0):
             raise ProtocolError("draft request field 'delta_offsets' is not a non-decreasing offset array starting at 0")
         if self.delta_offsets[-1] != self.delta_tokens.shape[0]:
@@ -156,6 +196,12 @@ class DraftRequest:
                 or not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
             raise ProtocolError(f"draft request sampler settings out of range: top-k-sampling {self.top_k_sampling}, "
                                 f"top-p {self.top_p}, min-p {self.min_p}, repetition-penalty {self.repetition_penalty}")
+        if np.any(self.keys < 0):
+            raise ProtocolError("draft request has a negative randomness key (keys are 0..2**63-1)")
+        if not (np.all(np.isfinite(self.temperatures)) and np.all(self.temperatures > 0)
+                and np.all((self.top_ps > 0) & (self.top_ps <= 1)) and np.all(self.top_ks >= 0)):
+            raise ProtocolError("draft request has a row sampler out of range (temperatures must be > 0, "
+                                "top_ps in (0, 1], top_ks >= 0)")
         if vocab_size is not None and self.delta_tokens.size and (
             self.delta_tokens.min() < 0 or self.delta_tokens.max() >= vocab_size
         ):
