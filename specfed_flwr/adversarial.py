@@ -34,7 +34,7 @@ class RandomDraftProposer(DraftProposer):
         self._known.pop(seq_id, None)
 
     def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0, warp=None,
-                encoding="fixed-k", budget=0.0) -> DraftReply:
+                encoding="fixed-k", budget=0.0, keys=None, row_warps=None) -> DraftReply:
         b = len(seq_ids)
         k = min(int(k), self.vocab_size)
         if encoding != "fixed-k":

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .config import SpecFedConfig
+from .randomness import inverse_cdf
 from .sparse import (SparseQ, agreement as sparse_agreement, from_dense, mix, q_at, sample, stack, sum_min,
                      zeros as sparse_zeros)
 
@@ -130,6 +131,8 @@ def select_draft_path(
     weights: torch.Tensor,
     scheme: str,
     generator: torch.Generator | None = None,
+    *,
+    uniforms: torch.Tensor | None = None,
 ) -> DraftPath:
     """Build each sequence's draft path from C clients' drafts.
 
@@ -143,6 +146,11 @@ def select_draft_path(
     value), the consensus token is drawn from it (``sparse.sample``), pick and vote need only
     the drafted tokens. Memory and time are O(B * C * G * K) (vote: O(B * C^2 * G)), with no
     vocabulary axis.
+
+    Randomness: ``uniforms`` [B, G, 2] in [0, 1) are the draws of each row and path position
+    (consensus: column 0 picks the slot, column 1 the unlisted token; pick: column 0 picks the
+    client; vote: unused), so the path is a pure function of them -- the engine passes
+    position-keyed uniforms (``randomness.py``). Without them draws come from ``generator``.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown draft selection scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -171,19 +179,8 @@ def select_draft_path(
                              torch.zeros_like(w_act))  # [B, C]
         q_j = mix(client_q[:, :, j], w_norm)  # batch [B]: q_bar at position j (all-zero on dead rows)
         drafted_j = client_tokens[:, :, j]  # [B, C]
-        if scheme == "consensus":
-            token = sample(_with_uniform_rows(q_j, ~alive), generator)  # [B]
-        elif scheme == "pick":
-            pick_w = torch.where(alive.unsqueeze(1), w_norm, torch.full_like(w_norm, 1.0 / c))  # [B, C]
-            chosen = torch.multinomial(pick_w, 1, generator=generator)  # [B, 1]
-            token = drafted_j.gather(1, chosen).squeeze(1)  # [B]
-        else:  # vote
-            same = drafted_j.unsqueeze(2) == drafted_j.unsqueeze(1)  # [B, C, C]
-            votes = (same.float() * w_norm.unsqueeze(1)).sum(dim=2)  # [B, C] weight behind client c's token
-            # q_bar breaks ties between equally weighted drafted tokens
-            score = torch.where(w_norm > 0, votes + 1e-6 * q_at(q_j[:, None], drafted_j),
-                                torch.full_like(votes, float("-inf")))  # [B, C]
-            token = drafted_j.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)  # [B]
+        u_j = None if uniforms is None else uniforms[:, j]  # [B, 2]
+        token = _path_token(scheme, q_j, drafted_j, w_norm, alive, generator, u_j)  # [B]
         token = torch.where(alive, token, torch.zeros_like(token))
         tokens[:, j] = token
         q_bars.append(q_j)
@@ -194,6 +191,31 @@ def select_draft_path(
         q_bars.append(sparse_zeros((b,), slots, v, device))
     q_bar = stack(q_bars, dim=1) if q_bars else sparse_zeros((b, 0), slots, v, device)  # batch [B, G]
     return DraftPath(tokens=tokens, lengths=lengths, q_bar=q_bar)
+
+
+def _path_token(scheme: str, q_j: SparseQ, drafted_j: torch.Tensor, w_norm: torch.Tensor, alive: torch.Tensor,
+                generator: torch.Generator | None, u_j: torch.Tensor | None) -> torch.Tensor:
+    """The path token of one position -> [B] long: ``q_j`` batch [B] (q_bar there), ``drafted_j``
+    [B, C] the clients' tokens, ``w_norm`` [B, C] the active clients' normalised weights,
+    ``alive`` [B] rows whose path goes on, ``u_j`` [B, 2] the position's uniforms (or None:
+    draws from ``generator``)."""
+    c = drafted_j.shape[1]
+    if scheme == "consensus":
+        return sample(_with_uniform_rows(q_j, ~alive), generator, uniforms=u_j)  # [B]
+    if scheme == "pick":
+        pick_w = torch.where(alive.unsqueeze(1), w_norm, torch.full_like(w_norm, 1.0 / c))  # [B, C]
+        if u_j is None:
+            chosen = torch.multinomial(pick_w, 1, generator=generator)  # [B, 1]
+        else:
+            chosen = inverse_cdf(pick_w, u_j[:, 0]).unsqueeze(1)  # [B, 1]
+        return drafted_j.gather(1, chosen).squeeze(1)  # [B]
+    # vote
+    same = drafted_j.unsqueeze(2) == drafted_j.unsqueeze(1)  # [B, C, C]
+    votes = (same.float() * w_norm.unsqueeze(1)).sum(dim=2)  # [B, C] weight behind client c's token
+    # q_bar breaks ties between equally weighted drafted tokens
+    score = torch.where(w_norm > 0, votes + 1e-6 * q_at(q_j[:, None], drafted_j),
+                        torch.full_like(votes, float("-inf")))  # [B, C]
+    return drafted_j.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)  # [B]
 
 
 def _with_uniform_rows(q: SparseQ, rows: torch.Tensor) -> SparseQ:

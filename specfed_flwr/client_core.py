@@ -53,6 +53,12 @@ def _uplink_kwargs(request: DraftRequest) -> dict:
     if request.encoding == "fixed-k" and not request.budget:
         return {}
     return {"encoding": request.encoding, "budget": request.budget}
+def row_warps(request: DraftRequest) -> list[SamplingSettings]:
+    """Each row's sampler: its own temperature / top-p / top-k-sampling with the request's min-p
+    and repetition penalty -- the law the server verifies that row against, so drafts land in it."""
+    return [SamplingSettings(temperature=float(t), top_k=int(k), top_p=float(p), min_p=request.min_p,
+                             repetition_penalty=request.repetition_penalty)
+            for t, p, k in zip(request.temperatures.tolist(), request.top_ps.tolist(), request.top_ks.tolist())]
 
 
 class DraftClient:
@@ -94,6 +100,8 @@ class DraftClient:
                 warp=SamplingSettings(top_k=request.top_k_sampling, top_p=request.top_p, min_p=request.min_p,
                                       repetition_penalty=request.repetition_penalty),
                 **_uplink_kwargs(request),
+                keys=request.keys.tolist(),
+                row_warps=row_warps(request),
             )
             elapsed = time.perf_counter() - start
             after = self.proposer.stats

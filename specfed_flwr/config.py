@@ -145,7 +145,8 @@ class SpecFedConfig:
     """a stop string, or a JSON list of them (`'["\\n\\n", "END"]'`); a sequence ends with the token
     that completes one (finish reason `stop`). Needs the target's tokenizer"""
     seed: int = 0
-    """seed of the server's and devices' sampling"""
+    """seed of the server's and devices' sampling: a prompt without its own `seed` draws with the
+    key (this seed, its index in the prompt file); every draw is keyed by sequence and position"""
     # workload
     max_new_tokens: PositiveInt = 48
     """new tokens per prompt (also the per-request maximum)"""

@@ -27,6 +27,7 @@ from .cohorts import Cohorts
 from .config import SpecFedConfig
 from .faults import EventKind, Fault, FaultKind
 from .protocol import DraftRequest, RoundPlan
+from .randomness import MAX_SEED, sequence_key
 from .roster import NodeRoster
 from .round_report import LIMITS, ClientStats, RoundReport, SequenceResult
 from .round_steps import RoundSteps, _Sequence
@@ -82,7 +83,6 @@ class Coordinator(Cohorts, RoundSteps):
         self.roster = NodeRoster(config.max_missed_rounds, config.rejoin_after_rounds)
         self.finished: list[SequenceResult] = []
         self.rounds: list[RoundReport] = []
-        self._generator = torch.Generator().manual_seed(int(config.seed))
         self.limit_hits: dict[str, int] = {name: 0 for name in LIMITS}
         self._collapsed: set[str] = set()
         # target-only steps while drafts are out (``step_in_flight``)
@@ -130,14 +130,23 @@ class Coordinator(Cohorts, RoundSteps):
         stop: Sequence[str] | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
+        seed: int | None = None,
     ) -> int:
         """Queue a prompt; ``max_new_tokens``, ``stop``, ``temperature`` and ``top_p`` override the
         run's for this sequence.
 
-        A per-prompt temperature / top-p changes only the law the server verifies this row against
-        (exact whatever the devices drafted from). Temperature 0 in a sampling run is greedy as a
-        point mass on the argmax (top-k 1). A sampling prompt in a greedy run is refused: greedy
-        runs draft and select greedily, which is not a sample of what is sent."""
+        A per-prompt temperature / top-p sets the law the server verifies this row against, and the
+        devices draft the row from it too (``DraftRequest.temperatures`` / ``top_ps``). Temperature 0
+        in a sampling run is greedy as a point mass on the argmax (top-k 1). A sampling prompt in a
+        greedy run is refused: greedy runs draft and select greedily, which is not a sample of what
+        is sent.
+
+        ``seed`` (0..2**63-1): the sequence's own randomness key (``randomness.sequence_key``); its
+        sampled output then depends only on (prompt, seed, run settings, models), not on the other
+        prompts, their order, the cohorts or the pipeline depth. Without it the key comes from the
+        run's seed and ``index``."""
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer in 0..2**63-1, got {seed!r}")
         sampling = None
         if temperature is not None or top_p is not None:
             if self.config.greedy and temperature is not None and float(temperature) > 0:
@@ -179,6 +188,8 @@ class Coordinator(Cohorts, RoundSteps):
                 sampling=sampling,
             )
         )
+        seq = self._waiting[-1]
+        seq.key = sequence_key(seed, self.config.seed, seq.index)
         return seq_id
 
     @property
@@ -212,7 +223,7 @@ class Coordinator(Cohorts, RoundSteps):
         empty = DraftPath(tokens=torch.zeros((b, 0), dtype=torch.long), lengths=torch.zeros(b, dtype=torch.long),
                           q_bar=sparse_zeros((b, 0), 1, self.vocab_size))  # [B, 0] path: nothing drafted
         logits, probs, _ = self._score(seqs, empty)  # [B, 1, V]
-        result = self._verify(logits, probs, empty)
+        result = self._verify(seqs, logits, probs, empty)
         rounds = [s.rounds for s in seqs]
         emitted, finished = self._commit(seqs, empty, result, torch.zeros((b, 0)))
         for seq, r in zip(seqs, rounds):
@@ -326,16 +337,20 @@ class Coordinator(Cohorts, RoundSteps):
         allowed = set(self.roster.selectable(self.round, self._collapsed))
         seqs = [s for s in self._active.values() if cohort is None or s.cohort == cohort]
         requests: dict[str, DraftRequest] = {}
+        run_sampler = SamplingSettings.from_config(self.config)
         for client in clients:
             if client not in allowed:
                 continue
             gamma, k = self.settings_for(client)
             encoding, budget, k = self.uplink_for(k)
-            entries = []
+            entries, keys, rows = [], [], []
             for seq in self._drafts_for(client, seqs):
                 g = max(0, min(gamma, seq.remaining - 1))
                 known = seq.client_known.get(client, 0)
                 entries.append((seq.seq_id, known, seq.committed[known:], g))
+                own = seq.sampling or run_sampler  # the row's sampler, so devices draft from its law
+                keys.append(seq.key)
+                rows.append((own.temperature, own.top_p, own.top_k))
             release = sorted(self._to_release.get(client, set()))
             if not entries and not release:
                 continue
@@ -353,6 +368,8 @@ class Coordinator(Cohorts, RoundSteps):
                 repetition_penalty=self.config.repetition_penalty,
                 encoding=encoding,
                 budget=budget,
+                keys=keys,
+                rows=rows,
             )
         plan = RoundPlan(round=self.round, cohort=cohort, seq_ids=[s.seq_id for s in seqs], requests=requests,
                          committed={s.seq_id: len(s.committed) for s in seqs})
@@ -448,9 +465,9 @@ class Coordinator(Cohorts, RoundSteps):
         self._observe_roster(plan, faults)
         seqs = [self._active[s] for s in plan.seq_ids if s in self._active]
         drafts = self._skip_decoded(seqs, self._gather_drafts(seqs, valid))
-        path = self._select_path(drafts)
+        path = self._select_path(seqs, drafts)
         logits, probs, verify_seconds = self._score(seqs, path)
-        result = self._verify(logits, probs, path)
+        result = self._verify(seqs, logits, probs, path)
         alpha_bar, agreements = self._observe_agreement(drafts, path, logits, probs)
         emitted, finished = self._commit(seqs, path, result, alpha_bar)
         finished = self._finished_between + finished  # sequences a step while waiting finished, too

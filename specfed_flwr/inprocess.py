@@ -349,7 +349,7 @@ class InProcessEngine:
             coordinator.submit(
                 ids, index=i, max_new_tokens=own.get("max_new_tokens", max_new_tokens),
                 owner=owners[i] if owners else None, prompt=text, stop=own.get("stop"),
-                temperature=own.get("temperature"), top_p=own.get("top_p"),
+                temperature=own.get("temperature"), top_p=own.get("top_p"), seed=own.get("seed"),
             )
         transport = self.transport or ThreadTransport(self.clients)
         if self.transport is not None and hasattr(transport, "reset"):

@@ -12,18 +12,17 @@ def default_prompt_records() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-#: per-prompt overrides a JSONL record may carry, and those refused (not per sequence yet)
-PROMPT_OPTIONS = ("max_new_tokens", "stop", "temperature", "top_p")
-UNSUPPORTED_PROMPT_OPTIONS = ("seed",)
+#: per-prompt overrides a JSONL record may carry
+PROMPT_OPTIONS = ("max_new_tokens", "stop", "temperature", "top_p", "seed")
+MAX_SEED = 2**63 - 1  # a per-prompt seed is a non-negative signed 64-bit integer (``randomness.MAX_SEED``)
 
 
 def prompt_options(spec: str) -> list[dict]:
     """Per-prompt overrides of a ``.jsonl`` prompt file, one dict per prompt (``{}`` when none):
     ``max_new_tokens`` (1..the run's max-new-tokens), ``stop`` (a string or a list of them),
-    ``temperature`` (>= 0; > 0 only in a sampling run) and ``top_p`` (in (0, 1]).
-
-    ``seed`` per prompt is refused with a clear message: the server samples every row from one
-    generator seeded per run, so a per-row seed would not reproduce a row on its own."""
+    ``temperature`` (>= 0; > 0 only in a sampling run), ``top_p`` (in (0, 1]) and ``seed`` (an
+    integer in 0..2**63-1: the prompt's sampled output is then reproducible on its own, whatever
+    else is in the file, see ``randomness.py``)."""
     from .config import ConfigError, parse_stop
 
     if spec == "default" or Path(spec).suffix != ".jsonl":
@@ -32,11 +31,12 @@ def prompt_options(spec: str) -> list[dict]:
     out = []
     for n, line in enumerate([l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()], 1):
         record = json.loads(line)
-        unsupported = [k for k in UNSUPPORTED_PROMPT_OPTIONS if k in record]
-        if unsupported:
-            raise ValueError(f"{path}:{n}: per-prompt {', '.join(unsupported)} not supported (set the run-config "
-                             "keys temperature / top-p / seed for the whole run)")
         options = {}
+        if "seed" in record:
+            value = record["seed"]
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+                raise ValueError(f"{path}:{n}: seed must be an integer in 0..2**63-1, got {value!r}")
+            options["seed"] = value
         if "max_new_tokens" in record:
             value = record["max_new_tokens"]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -33,9 +33,11 @@ token, the agreement weights the token and its probability. ``budgeted-compact``
 uint8 log-domain code table *before* sampling, so in ``sparse`` mode the drafted token comes from
 exactly the renormalised values the server decodes (the ``exact`` rule stays lossless).
 
-Randomness is keyed by position: the uniform that samples position ``p`` of sequence ``s`` is
-``position_uniform(seed, s, p)``. A reply therefore does not depend on batching, on the round
-number or on whether the position was drafted ahead of time. Reusing the uniform of a position
+Randomness is keyed by position: the uniform that samples position ``p`` of a sequence is
+``position_uniform(key, p)``, ``key`` being the sequence's randomness key the server sends per
+row (``DraftRequest.keys``: the prompt's own seed, or the run's seed and the prompt's index; see
+``randomness.py``). A reply therefore does not depend on batching, on the round number, on the
+other sequences or on whether the position was drafted ahead of time. Reusing the uniform of a position
 that is drafted again after a rejection is sound: the server only tests positions up to the
 first rejection, so a position is drafted again only if its earlier draft was never tested,
 and its uniform never influenced any outcome.
@@ -57,7 +59,6 @@ forward; otherwise they are dropped. Served and dropped rows are counted (``stat
 from __future__ import annotations
 
 import abc
-import hashlib
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Sequence
@@ -67,6 +68,7 @@ import torch
 
 from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, check_supported, forward_with_cache,
                       rollback_cache, supports_padded_batching)
+from .randomness import DRAFT, counter_uniforms, inverse_cdf, sequence_key
 from .sampling import SamplingSettings, seen_mask, warped_probs
 from .wire import DraftReply, code_table, make_reply, quantize_probs, slot_allowance
 
@@ -79,21 +81,6 @@ _SMALLEST_CODE = float(code_table()[-1])
 
 class DraftStateError(ValueError):
     """The server's delta does not fit the sequence state this device holds."""
-
-
-def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """``weights`` [N, M] >= 0 (rows not all zero), ``uniforms`` [N] in [0, 1) -> index [N] long.
-
-    Index j is drawn with probability weights[j] / sum(weights): the first j whose cumulative
-    weight exceeds u * total. A zero-weight entry is never drawn, also when rounding makes
-    u * total reach the total (then the last positive entry is taken).
-    """
-    cum = weights.cumsum(dim=1)  # [N, M]
-    x = (uniforms.to(cum.dtype) * cum[:, -1]).unsqueeze(1)  # [N, 1]
-    idx = torch.searchsorted(cum, x, right=True).squeeze(1)  # [N]
-    positive = weights > 0  # [N, M]
-    last = (positive * torch.arange(weights.shape[1], device=weights.device)).amax(dim=1)  # [N]
-    return torch.minimum(idx, last)
 
 
 def water_fill(vals: torch.Tensor, slots: float, one_hot: float = ONE_HOT_MISSING) -> torch.Tensor:
@@ -159,9 +146,9 @@ def sparsify(
         uniforms = torch.rand(n, generator=generator, dtype=torch.float64)
     rows = torch.arange(n)
     if mode == "sparse":
-        slot = _inverse_cdf(probs.float(), uniforms)  # [N]
+        slot = inverse_cdf(probs.float(), uniforms)  # [N]
     else:
-        drafted = _inverse_cdf(q.float(), uniforms)  # [N]
+        drafted = inverse_cdf(q.float(), uniforms)  # [N]
         variable = slots is not None or compact
         sent = probs > 0 if variable else torch.ones_like(probs, dtype=torch.bool)  # [N, K] a prefix per row
         last = sent.sum(dim=1).clamp_min(1) - 1  # [N] the last sent slot
@@ -191,10 +178,10 @@ def sparsify(
     return ids, probs, ids[:, 0].clone()
 
 
-def position_uniform(seed: int, seq_id: int, position: int) -> float:
-    """The uniform in [0, 1) that samples ``position`` of sequence ``seq_id`` (see module docstring)."""
-    digest = hashlib.blake2b(f"{seed}:{seq_id}:{position}".encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "little") >> 11) * 2.0 ** -53
+def position_uniform(key: int, position: int) -> float:
+    """The uniform in [0, 1) that samples ``position`` of the sequence whose randomness key is
+    ``key`` (see module docstring and ``randomness.py``)."""
+    return float(counter_uniforms(key, position, DRAFT))
 
 
 class DraftProposer(abc.ABC):
@@ -220,11 +207,17 @@ class DraftProposer(abc.ABC):
         warp: "SamplingSettings | None" = None,
         encoding: str = "fixed-k",
         budget: float = 0.0,
+        keys: Sequence[int] | None = None,
+        row_warps: "Sequence[SamplingSettings] | None" = None,
     ) -> DraftReply:
         """Draft ``gammas[b]`` tokens after each sequence's committed prefix; ``warp`` (temperature
         aside) is the target's sampler, which proposers should apply to their own law too.
         ``encoding`` / ``budget``: how the reply travels and its bytes per drafted position (0: K
-        slots per position) -- see ``wire.py`` and the module docstring."""
+        slots per position) -- see ``wire.py`` and the module docstring.
+
+        ``keys[b]``: row b's randomness key (default: from ``seed`` and the sequence id);
+        ``row_warps[b]``: row b's own sampler, temperature included (a prompt's own temperature /
+        top-p; default: ``warp`` at ``temperature`` for every row). Both only matter when sampling."""
 
     @abc.abstractmethod
     def forget(self, seq_id: int) -> None:
@@ -250,9 +243,9 @@ class _DraftKey:
 
     k: int
     mode: str
-    temperature: float
-    seed: int
-    warp: SamplingSettings = SamplingSettings()  # top-k/top-p/min-p/repetition penalty (temperature: above)
+    temperature: float  # the request's (0 = greedy run)
+    rng: int  # the row's randomness key
+    warp: SamplingSettings = SamplingSettings()  # the row's sampler: temperature, top-k/top-p/min-p, penalty
     encoding: str = "fixed-k"
     allowance: float | None = None  # slots per drafted position under a byte budget (None: K each)
 
@@ -362,30 +355,30 @@ class HFDraftProposer(DraftProposer):
 
     # ---- drafting ------------------------------------------------------------------------
     def propose(self, seq_ids, gammas, k, *, temperature, sampling, seed=0, round_=0, warp=None,
-                encoding="fixed-k", budget=0.0) -> DraftReply:
+                encoding="fixed-k", budget=0.0, keys=None, row_warps=None) -> DraftReply:
         seq_ids = [int(s) for s in seq_ids]
         gammas = [int(g) for g in gammas]
         if len(gammas) != len(seq_ids):
             raise ValueError(f"{len(seq_ids)} sequences but {len(gammas)} draft lengths")
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("a sequence appears twice in one request")
+        if keys is not None and len(keys) != len(seq_ids) or row_warps is not None and len(row_warps) != len(seq_ids):
+            raise ValueError("one randomness key and one sampler per sequence")
         k = min(int(k), self.vocab_size)
         if temperature <= 0 and encoding != "fixed-k":
             # greedy, variable K: the drafted token and its probability are all the server uses
             k, budget = 1, 0.0
-        warp = replace(warp or SamplingSettings(), temperature=float(temperature) if temperature > 0 else 1.0)
-        if temperature <= 0:  # greedy: only the penalty changes the argmax (as in generate)
-            warp = SamplingSettings(repetition_penalty=warp.repetition_penalty)
         allowance = None
         if encoding != "fixed-k" and budget > 0:
             allowance = max(1.0, slot_allowance(float(budget), encoding, self.vocab_size, max(gammas, default=1)))
-        key = _DraftKey(k, "greedy" if temperature <= 0 else str(sampling), float(temperature), int(seed), warp,
-                        str(encoding), allowance)
         states = []
-        for seq_id in seq_ids:
+        for row, seq_id in enumerate(seq_ids):
             state = self._states.get(seq_id)
             if state is None:
                 raise DraftStateError(f"sequence {seq_id}: asked to draft a sequence this device has never seen")
+            key = self._row_key(k, temperature, sampling, warp if row_warps is None else row_warps[row],
+                                sequence_key(None, seed, seq_id) if keys is None else int(keys[row]),
+                                own_temperature=row_warps is not None, encoding=str(encoding), allowance=allowance)
             if state.key != key:  # drafted under other settings: nothing of it can be reused
                 state.truncate(state.committed)
                 state.key = key
@@ -393,7 +386,7 @@ class HFDraftProposer(DraftProposer):
                 state.truncate(state.committed + state.drafted)
             states.append(state)
         missing = [max(0, g - st.drafted) for g, st in zip(gammas, states)]
-        self._extend(seq_ids, states, missing, key)
+        self._extend(seq_ids, states, missing, states[0].key if states else None)
         g_max = max(gammas, default=0)
         b = len(seq_ids)
         ids_out = np.zeros((b, g_max, k), dtype=np.int64)  # [B, G, K]
@@ -402,7 +395,22 @@ class HFDraftProposer(DraftProposer):
             for j in range(gamma):
                 ids_out[row, j], probs_out[row, j] = state.dists[state.committed + j]
         return make_reply(np.array(seq_ids, dtype=np.int64), np.array(gammas, dtype=np.int32), ids_out, probs_out,
-                          self.vocab_size, encoding=key.encoding)
+                          self.vocab_size, encoding=str(encoding))
+
+    @staticmethod
+    def _row_key(k: int, temperature: float, sampling: str, warp: SamplingSettings | None, rng: int, *,
+                 own_temperature: bool, encoding: str = "fixed-k", allowance: float | None = None) -> _DraftKey:
+        """What a row's drafts depend on: greedy (request temperature 0: only the repetition
+        penalty changes the argmax, as in ``generate``) or the row's sampler; ``own_temperature``:
+        ``warp`` carries the row's temperature, else the request's applies; plus how the reply
+        travels (``encoding``, slots ``allowance`` per position under a budget)."""
+        warp = warp or SamplingSettings()
+        if temperature <= 0:
+            return _DraftKey(k, "greedy", 0.0, rng, SamplingSettings(repetition_penalty=warp.repetition_penalty),
+                             encoding, allowance)
+        if not own_temperature:
+            warp = replace(warp, temperature=float(temperature))
+        return _DraftKey(k, str(sampling), float(temperature), rng, warp, encoding, allowance)
 
     def draft_ahead(self, seq_ids: Sequence[int], extra: int, stop: threading.Event | None = None) -> int:
         """Draft ``extra`` more positions past every listed sequence's drafts, stopping early
@@ -443,20 +451,28 @@ class HFDraftProposer(DraftProposer):
         ``slot_budget``: the slots these R rows may spend together (budgeted keys on the reply
         path); None with a budgeted key: at most ``floor(allowance)`` per row. Returns the drafted
         tokens and the slots spent."""
-        key = states[0].key
+        key = states[0].key  # k, mode, encoding and allowance are the request's: the same for every row
         logits = logits[:, : self.vocab_size].float()  # [R, V]
-        if key.warp.truncates or key.warp.penalizes:
-            # the target's sampler on the draft's logits: the repetition penalty sees this row's
-            # sequence so far (prompt, committed tokens and the drafts before this position)
-            seen = seen_mask([st.tokens for st in states], self.vocab_size) if key.warp.penalizes else None
-            q = warped_probs(logits, key.warp, None if seen is None else seen.to(logits.device)).cpu()  # [R, V]
-        else:
-            scale = key.temperature if key.temperature > 0 else 1.0
-            q = torch.softmax(logits / scale, dim=-1).cpu()  # [R, V]
+        q = torch.empty_like(logits, device="cpu")  # [R, V]
+        groups: dict[SamplingSettings, list[int]] = {}
+        for r, st in enumerate(states):
+            groups.setdefault(st.key.warp, []).append(r)
+        for warp, rows in groups.items():  # each row drafts from its own sampler (rows sharing one together)
+            at = torch.tensor(rows, dtype=torch.long)
+            part = logits[at.to(logits.device)]  # [R_g, V]
+            if warp.truncates or warp.penalizes:
+                # the sampler on the draft's logits: the repetition penalty sees this row's
+                # sequence so far (prompt, committed tokens and the drafts before this position)
+                seen = seen_mask([states[r].tokens for r in rows], self.vocab_size) if warp.penalizes else None
+                q[at] = warped_probs(part, warp, None if seen is None else seen.to(part.device)).cpu()
+            else:
+                scale = warp.temperature if warp.temperature > 0 else 1.0
+                q[at] = torch.softmax(part / scale, dim=-1).cpu()
         uniforms = None
         if key.mode != "greedy":
-            uniforms = torch.tensor([position_uniform(key.seed, s, len(st.tokens)) for s, st in zip(seq_ids, states)],
-                                    dtype=torch.float64)  # [R]
+            rng = np.array([st.key.rng for st in states], dtype=np.uint64)  # [R]
+            positions = np.array([len(st.tokens) for st in states], dtype=np.int64)  # [R]
+            uniforms = torch.from_numpy(counter_uniforms(rng, positions, DRAFT))  # [R] float64
         k, slots = key.k, None
         if key.allowance is not None:
             if slot_budget is None:

@@ -5,6 +5,11 @@ Per sequence the server sends only the tokens accepted since that client last he
 sent the whole sequence with start 0), and how many positions to draft. K, the temperature
 and the sampling mode are per client per round. Sequences the server finished are listed in
 ``release`` so the client frees their caches.
+
+Per row the request also carries the sequence's randomness key (``keys``: devices key their
+draft uniforms by it and the absolute position, see ``randomness.py``) and the row's own sampler
+(``temperatures`` / ``top_ps`` / ``top_ks``: a prompt's own temperature / top-p, so devices draft
+each row from the law the server verifies it against).
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ class DraftRequest:
     # with a budget, k is the cap per position)
     encoding: str = "fixed-k"
     budget: float = 0.0
+    # per row: randomness key (0..2**63-1) and the row's sampler (temperature > 0, top-p, top-k-sampling);
+    # None in the constructor only: ``build`` / ``from_parts`` always fill them
+    keys: np.ndarray | None = None  # int64 [B]
+    temperatures: np.ndarray | None = None  # float64 [B]: the row's sampling temperature (> 0; unused when greedy)
+    top_ps: np.ndarray | None = None  # float64 [B]
+    top_ks: np.ndarray | None = None  # int32 [B]
 
     @classmethod
     def build(
@@ -63,8 +74,18 @@ class DraftRequest:
         repetition_penalty: float = 1.0,
         encoding: str = "fixed-k",
         budget: float = 0.0,
+        keys: list[int] | None = None,
+        rows: list[tuple[float, float, int]] | None = None,
     ) -> "DraftRequest":
-        """From ``(seq_id, start, delta, gamma)`` tuples."""
+        """From ``(seq_id, start, delta, gamma)`` tuples; ``keys`` (per entry, default: from
+        ``seed`` and the sequence id) and ``rows`` (per entry ``(temperature, top_p,
+        top_k_sampling)``, default: the request's own) are the rows' randomness keys and samplers."""
+        from .randomness import sequence_key
+
+        if keys is None:
+            keys = [sequence_key(None, seed, e[0]) for e in entries]
+        if rows is None:
+            rows = [(float(temperature) if temperature > 0 else 1.0, float(top_p), int(top_k_sampling))] * len(entries)
         offsets = np.zeros(len(entries) + 1, dtype=np.int64)
         for i, (_, _, delta, _) in enumerate(entries):
             offsets[i + 1] = offsets[i] + len(delta)
@@ -87,6 +108,10 @@ class DraftRequest:
             repetition_penalty=float(repetition_penalty),
             encoding=str(encoding),
             budget=float(budget),
+            keys=np.array(keys, dtype=np.int64).reshape(-1),
+            temperatures=np.array([r[0] for r in rows], dtype=np.float64),
+            top_ps=np.array([r[1] for r in rows], dtype=np.float64),
+            top_ks=np.array([r[2] for r in rows], dtype=np.int32),
         )
 
     def delta(self, b: int) -> np.ndarray:
@@ -100,6 +125,10 @@ class DraftRequest:
             "delta_tokens": self.delta_tokens,
             "gammas": self.gammas,
             "release": self.release,
+            "keys": self.keys,
+            "temperatures": self.temperatures,
+            "top_ps": self.top_ps,
+            "top_ks": self.top_ks,
         }
 
     def config(self) -> dict[str, Any]:
@@ -123,6 +152,11 @@ class DraftRequest:
     @classmethod
     def from_parts(cls, arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> "DraftRequest":
         """Rebuild and validate a request received over the wire."""
+        kinds = {"keys": "iu", "top_ks": "iu", "temperatures": "f", "top_ps": "f"}
+        for name, kind in kinds.items():  # a float key or a string temperature is refused, not cast
+            if name in arrays and np.asarray(arrays[name]).dtype.kind not in kind:
+                raise ProtocolError(f"draft request field {name!r} has dtype {np.asarray(arrays[name]).dtype}, "
+                                    f"expected {'integers' if kind == 'iu' else 'floats'}")
         try:
             req = cls(
                 seq_ids=np.asarray(arrays["seq_ids"], dtype=np.int64),
@@ -142,6 +176,10 @@ class DraftRequest:
                 repetition_penalty=float(config.get("repetition-penalty", 1.0)),
                 encoding=str(config.get("encoding", "fixed-k")),
                 budget=float(config.get("uplink-budget", 0.0)),
+                keys=np.asarray(arrays["keys"], dtype=np.int64),
+                temperatures=np.asarray(arrays["temperatures"], dtype=np.float64),
+                top_ps=np.asarray(arrays["top_ps"], dtype=np.float64),
+                top_ks=np.asarray(arrays["top_ks"], dtype=np.int32),
             )
         except KeyError as exc:
             raise ProtocolError(f"draft request is missing {exc.args[0]!r}") from None
@@ -150,9 +188,11 @@ class DraftRequest:
 
     def validate(self, vocab_size: int | None = None) -> None:
         b = self.seq_ids.shape[0]
-        for name in ("seq_ids", "starts", "gammas"):
-            if getattr(self, name).shape != (b,):
-                raise ProtocolError(f"draft request field {name!r} has shape {getattr(self, name).shape}, expected ({b},)")
+        for name in ("seq_ids", "starts", "gammas", "keys", "temperatures", "top_ps", "top_ks"):
+            value = getattr(self, name)
+            if value is None or value.shape != (b,):
+                got = "no value" if value is None else f"shape {value.shape}"
+                raise ProtocolError(f"draft request field {name!r} has {got}, expected shape ({b},)")
         if self.delta_offsets.shape != (b + 1,) or self.delta_offsets[0] != 0 or np.any(np.diff(self.delta_offsets) < 0):
             raise ProtocolError("draft request field 'delta_offsets' is not a non-decreasing offset array starting at 0")
         if self.delta_offsets[-1] != self.delta_tokens.shape[0]:
@@ -173,6 +213,12 @@ class DraftRequest:
             raise ProtocolError(f"draft request encoding {self.encoding!r} is not one of {ENCODINGS}")
         if not (self.budget >= 0 and np.isfinite(self.budget)):
             raise ProtocolError(f"draft request uplink budget {self.budget} must be >= 0")
+        if np.any(self.keys < 0):
+            raise ProtocolError("draft request has a negative randomness key (keys are 0..2**63-1)")
+        if not (np.all(np.isfinite(self.temperatures)) and np.all(self.temperatures > 0)
+                and np.all((self.top_ps > 0) & (self.top_ps <= 1)) and np.all(self.top_ks >= 0)):
+            raise ProtocolError("draft request has a row sampler out of range (temperatures must be > 0, "
+                                "top_ps in (0, 1], top_ks >= 0)")
         if vocab_size is not None and self.delta_tokens.size and (
             self.delta_tokens.min() < 0 or self.delta_tokens.max() >= vocab_size
         ):

@@ -2,7 +2,7 @@
 select the draft path, score it (one target forward), verify, observe agreement, commit.
 
 ``RoundSteps`` is a part of ``Coordinator`` (a mixin: it uses the Coordinator's target, config,
-weights, generator and sequences); kept apart so that each file holds one idea: ``coordinator.py``
+weights and sequences); kept apart so that each file holds one idea: ``coordinator.py``
 plans rounds and keeps the books, this file turns one round's replies into committed tokens.
 """
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .aggregation import DraftPath, path_agreement, prefix_match, select_draft_path
+from .randomness import ACCEPT, RESIDUAL, SELECT, SELECT_RANK, keyed_uniforms
 from .reconstruction import reconstruct_sparse
 from .round_report import SequenceResult
 from .sampling import SamplingSettings, path_seen, penalize, warped_probs
@@ -41,6 +42,7 @@ class _Sequence:
     alpha_n: int = 0
     stop: tuple[str, ...] = ()  # stop strings of this sequence (run's ``stop`` or its prompt's own)
     sampling: SamplingSettings | None = None  # this prompt's own temperature / top-p (None: the run's)
+    key: int = 0  # randomness key (``randomness.sequence_key``): every draw of this sequence is keyed by it
 
     @property
     def committed(self) -> list[int]:
@@ -135,11 +137,23 @@ class RoundSteps:
                 drafts.lengths[i, c] = n - m if keep else 0
         return drafts
 
-    def _select_path(self, drafts: RoundDrafts) -> DraftPath:
+    @staticmethod
+    def _uniforms(seqs: list[_Sequence], width: int, stream: int) -> torch.Tensor:
+        """[B, width] float64: each sequence's uniforms of ``stream`` at its next ``width``
+        absolute positions (from its committed length), keyed by its own key."""
+        return keyed_uniforms([s.key for s in seqs], [len(s.committed) for s in seqs], width, stream)
+
+    def _select_path(self, seqs: list[_Sequence], drafts: RoundDrafts) -> DraftPath:
         """The draft path each sequence verifies (scheme: ``config.selection_scheme()``), cut to
-        its longest row so the target scores no position that nobody reached."""
-        path = select_draft_path(drafts.tokens, drafts.q, drafts.lengths, drafts.weights,
-                                 self.config.selection_scheme(), self._generator)
+        its longest row so the target scores no position that nobody reached. The selection's
+        draws are position-keyed per sequence (``randomness.py``)."""
+        scheme = self.config.selection_scheme()
+        uniforms = None
+        if scheme != "vote":
+            g = drafts.tokens.shape[2]
+            uniforms = torch.stack([self._uniforms(seqs, g, SELECT), self._uniforms(seqs, g, SELECT_RANK)],
+                                   dim=-1)  # [B, G, 2]
+        path = select_draft_path(drafts.tokens, drafts.q, drafts.lengths, drafts.weights, scheme, uniforms=uniforms)
         return path.trimmed()
 
     def _score(self, seqs: list[_Sequence], path: DraftPath) -> tuple[torch.Tensor, torch.Tensor | None, float]:
@@ -173,11 +187,17 @@ class RoundSteps:
             probs = warped_probs(logits, settings, seen)  # [B, G+1, V]
         return logits, probs, verify_seconds
 
-    def _verify(self, logits: torch.Tensor, probs: torch.Tensor | None, path: DraftPath) -> VerificationResult:
-        """The accept test: greedy (target argmax) or speculative sampling against q_bar."""
+    def _verify(self, seqs: list[_Sequence], logits: torch.Tensor, probs: torch.Tensor | None,
+                path: DraftPath) -> VerificationResult:
+        """The accept test: greedy (target argmax) or speculative sampling against q_bar, with
+        each sequence's accept and correction/bonus uniforms keyed by its key and the absolute
+        position (so the output does not depend on the batch, the cohorts or the round order)."""
         if probs is None:
             return verify_greedy(logits, path.tokens, path.lengths)
-        return verify_sampling(probs, path.q_bar, path.tokens, path.lengths, self._generator)
+        g = path.tokens.shape[1]
+        return verify_sampling(probs, path.q_bar, path.tokens, path.lengths,
+                               accept_uniforms=self._uniforms(seqs, g, ACCEPT),  # [B, G]
+                               sample_uniforms=self._uniforms(seqs, g + 1, RESIDUAL))  # [B, G+1]
 
     def _observe_agreement(
         self, drafts: RoundDrafts, path: DraftPath, logits: torch.Tensor, probs: torch.Tensor | None

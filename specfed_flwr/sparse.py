@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .randomness import inverse_cdf
+
 __all__ = ["SparseQ", "agreement", "densify", "from_dense", "mix", "q_at", "sample", "stack", "sum_min", "zeros"]
 
 
@@ -147,12 +149,16 @@ def mix(qs: SparseQ, weights: torch.Tensor) -> SparseQ:
     )
 
 
-def sample(q: SparseQ, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(q: SparseQ, generator: torch.Generator | None = None, *, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``q`` (batch [N]) drawn from q itself -> [N] long.
 
     A listed token with probability q(x); otherwise (probability fill * (V - #listed)) one of
     the unlisted tokens uniformly: the r-th unlisted id is r + #{listed s_i with s_i - i <= r}
     over the sorted listed ids s_i (i = rank). Every row must have positive mass.
+
+    ``uniforms`` [N, 2] in [0, 1) (column 0: which slot, by inverse CDF; column 1: which
+    unlisted token) makes the draw a pure function of them (position-keyed randomness, see
+    ``randomness.py``); without them the draws come from ``generator``.
     """
     n, m = q.ids.shape
     v = q.vocab_size
@@ -161,13 +167,19 @@ def sample(q: SparseQ, generator: torch.Generator | None = None) -> torch.Tensor
     rest = q.fill.float() * (v - n_listed).float()  # [N] mass of the unlisted tokens together
     weights = torch.cat([torch.where(listed, q.values.float(), torch.zeros_like(q.values.float())),
                          rest.unsqueeze(1)], dim=1)  # [N, M+1]
-    slot = torch.multinomial(weights, 1, generator=generator).squeeze(1)  # [N]; M = "unlisted"
+    if uniforms is None:
+        slot = torch.multinomial(weights, 1, generator=generator).squeeze(1)  # [N]; M = "unlisted"
+    else:
+        slot = inverse_cdf(weights, uniforms[:, 0])  # [N]; M = "unlisted"
     chosen = q.ids.gather(1, slot.clamp_max(m - 1).unsqueeze(1)).squeeze(1) if m else torch.zeros_like(slot)  # [N]
     unlisted = slot == m  # [N]
     if not bool(unlisted.any()):
         return chosen
     free = (v - n_listed).clamp_min(1)  # [N] how many unlisted tokens there are
-    u = torch.rand(n, generator=generator, device=q.ids.device)  # [N]
+    if uniforms is None:
+        u = torch.rand(n, generator=generator, device=q.ids.device)  # [N]
+    else:
+        u = uniforms[:, 1].to(q.ids.device)  # [N] float64
     r = torch.minimum((u * free).long(), free - 1)  # [N] rank among the unlisted tokens
     s = torch.where(listed, q.ids, torch.full_like(q.ids, v)).sort(dim=1).values  # [N, M] listed first, ascending
     rank = torch.arange(m, device=q.ids.device).unsqueeze(0)  # [1, M]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .randomness import inverse_cdf
 from .sparse import SparseQ, densify, q_at
 
 
@@ -78,6 +79,9 @@ def verify_sampling(
     draft_tokens: torch.Tensor,
     lengths: torch.Tensor,
     generator: torch.Generator | None = None,
+    *,
+    accept_uniforms: torch.Tensor | None = None,
+    sample_uniforms: torch.Tensor | None = None,
 ) -> VerificationResult:
     """``target_probs`` [B, G+1, V], ``draft_probs`` the distribution each draft token was drawn
     from: a SparseQ of batch [B, G] (what the server has, see ``sparse.py``) or a dense [B, G, V]
@@ -86,7 +90,16 @@ def verify_sampling(
     The accept test needs q only at the drafted tokens ([B, G]) and the residual
     norm(max(0, p - q)) only at each row's first rejection, so at most one dense [B, V] row of q
     is ever built.
+
+    Randomness: ``accept_uniforms`` [B, G] (the accept test at each path position) and
+    ``sample_uniforms`` [B, G+1] (the correction/bonus token, drawn by inverse CDF with the
+    uniform of the position it lands on) make the result a pure function of them; the engine
+    passes position-keyed uniforms (``randomness.py``). Each uniform influences at most one
+    outcome: only positions up to the first rejection count. Without them (both None) draws
+    come from ``generator``.
     """
+    if (accept_uniforms is None) != (sample_uniforms is None):
+        raise ValueError("pass both accept_uniforms and sample_uniforms, or neither")
     draft_tokens = draft_tokens.long()
     lengths = lengths.long()
     b, g = draft_tokens.shape
@@ -95,7 +108,11 @@ def verify_sampling(
         safe_tokens = draft_tokens.clamp_min(0)  # [B, G]
         p_x = target_probs[:, :g].gather(2, safe_tokens.unsqueeze(-1)).squeeze(-1)  # [B, G]
         q_x = _q_at_tokens(draft_probs, safe_tokens).to(p_x.dtype)  # [B, G]
-        u = torch.rand((b, g), generator=generator, device=device, dtype=p_x.dtype)  # [B, G]
+        if accept_uniforms is None:
+            u = torch.rand((b, g), generator=generator, device=device, dtype=p_x.dtype)  # [B, G]
+        else:  # float64 (53-bit) uniforms: compare in float64, so u never rounds up to 1
+            u = accept_uniforms[:, :g].to(device)  # [B, G]
+            p_x, q_x = p_x.double(), q_x.double()
         # u < p/q  <=>  u*q < p, which also accepts (prob. 1) when q(x) = 0 and p(x) > 0.
         accepted = u * q_x < p_x  # [B, G]
         n = _first_rejection(accepted, lengths)  # [B]
@@ -112,7 +129,11 @@ def verify_sampling(
         sample_from = torch.where(rejected.unsqueeze(1), residual, p_n)  # [B, V]
     else:
         sample_from = p_n
-    last = torch.multinomial(sample_from, 1, generator=generator).squeeze(1)  # [B]
+    if sample_uniforms is None:
+        last = torch.multinomial(sample_from, 1, generator=generator).squeeze(1)  # [B]
+    else:
+        u_last = sample_uniforms.to(device).gather(1, n.unsqueeze(1)).squeeze(1)  # [B]: the uniform of position n
+        last = inverse_cdf(sample_from, u_last)  # [B]
     return _assemble(draft_tokens, n, last)
 
 

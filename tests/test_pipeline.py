@@ -81,9 +81,11 @@ class _SlowProposer(HFDraftProposer):
     has sequences in flight and nothing to verify: it then decodes them itself."""
 
     delay = 0.05
+    first_delay: float | None = None  # the first request's delay (a device prefilling), if different
 
     def propose(self, *args, **kwargs):
-        time.sleep(self.delay)
+        first, self.first_delay = self.first_delay, None
+        time.sleep(self.delay if first is None else first)
         return super().propose(*args, **kwargs)
 
 
@@ -240,35 +242,66 @@ def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
     return float(chisquare(counts[keep], expected).pvalue)
 
 
-@pytest.mark.parametrize("drafters,steps", [(1, "off"), (3, "off"), (1, "on"), (3, "on")])
-def test_sampling_keeps_the_target_law_with_cohorts_and_drafting_ahead(drafters, steps):
-    target = tiny_llama(seed=10, vocab_size=SMALL_V)
-    drafts = [tiny_llama(seed=11 + i, vocab_size=SMALL_V) for i in range(drafters)]
-    prefix = [1, 4, 2]
+def _two_token_law(target, prefix):
     with torch.inference_mode():
         p1 = torch.softmax(target(torch.tensor([prefix])).logits[0, -1].double(), -1)
         p2 = torch.stack([torch.softmax(target(torch.tensor([prefix + [x]])).logits[0, -1].double(), -1)
                           for x in range(SMALL_V)])
-    joint = (p1[:, None] * p2).flatten().numpy()  # [V*V]
-    cfg = SpecFedConfig(top_k=3, draft_length=3, max_new_tokens=2, max_active_sequences=DRAWS, max_k=SMALL_V,
-                        temperature=1.0, seed=1, pipeline_depth="2", draft_ahead=True, weight_drop_below=0.0,
-                        max_prompt_tokens=16, target_steps_while_waiting=steps)
-    clients = None
-    if steps == "on":  # slow drafters: the server decodes first tokens itself while drafts are out
-        clients = {}
-        for i, d in enumerate(drafts):
-            proposer = _SlowProposer(d, vocab_size=SMALL_V)
-            proposer.delay = 1.0  # longer than prefilling the 12k prompts: the target steps first
-            clients[f"slow-{i}"] = DraftClient(proposer, draft_ahead=False)
-        drafts = []
-    result = InProcessEngine(target, drafts, cfg, eos_token_ids=[], clients=clients).generate([prefix] * DRAWS)
-    pairs = np.array([s.token_ids for s in result.sequences])  # [DRAWS, 2]
+    return p1, (p1[:, None] * p2).flatten().numpy()  # [V], [V*V]
+
+
+def _assert_two_token_law(pairs: np.ndarray, p1: torch.Tensor, joint: np.ndarray) -> None:
     assert pairs.shape == (DRAWS, 2)
-    assert result.metrics["drafted_positions"] > DRAWS // 2  # drafts were really verified
-    assert len({r.cohort for r in result.rounds}) == 2
     first = np.bincount(pairs[:, 0], minlength=SMALL_V)
     both = np.bincount(pairs[:, 0] * SMALL_V + pairs[:, 1], minlength=SMALL_V * SMALL_V)
     assert _chi2_pvalue(first, p1.numpy()) > 1e-3
     assert _chi2_pvalue(both, joint) > 1e-3
-    if steps == "on":
-        assert result.metrics["target_steps_while_waiting"]["tokens"] > 0
+
+
+@pytest.mark.parametrize("drafters", [1, 3])
+def test_sampling_keeps_the_target_law_with_cohorts_and_drafting_ahead(drafters):
+    target = tiny_llama(seed=10, vocab_size=SMALL_V)
+    drafts = [tiny_llama(seed=11 + i, vocab_size=SMALL_V) for i in range(drafters)]
+    prefix = [1, 4, 2]
+    p1, joint = _two_token_law(target, prefix)
+    cfg = SpecFedConfig(top_k=3, draft_length=3, max_new_tokens=2, max_active_sequences=DRAWS, max_k=SMALL_V,
+                        temperature=1.0, seed=1, pipeline_depth="2", draft_ahead=True, weight_drop_below=0.0,
+                        max_prompt_tokens=16)
+    result = InProcessEngine(target, drafts, cfg, eos_token_ids=[]).generate([prefix] * DRAWS)
+    assert result.metrics["drafted_positions"] > DRAWS // 2  # drafts were really verified
+    assert len({r.cohort for r in result.rounds}) == 2
+    _assert_two_token_law(np.array([s.token_ids for s in result.sequences]), p1, joint)
+
+
+@pytest.mark.parametrize("drafters", [1, 3])
+def test_sampling_keeps_the_target_law_when_the_target_stepped_while_drafts_were_out(drafters):
+    """Deterministic: every sequence's first token comes from a target step taken while its drafts
+    were out (``step_in_flight``), its second from verifying the drafts shifted past that token
+    (``_skip_decoded``: kept only where the drafted first token equals it). The two-token law is
+    still the target's."""
+    from specfed_flwr.coordinator import Coordinator
+    from specfed_flwr.target import TargetVerifier
+
+    target = tiny_llama(seed=10, vocab_size=SMALL_V)
+    clients = {f"d{i}": DraftClient(HFDraftProposer(tiny_llama(seed=11 + i, vocab_size=SMALL_V), vocab_size=SMALL_V))
+               for i in range(drafters)}
+    prefix = [1, 4, 2]
+    p1, joint = _two_token_law(target, prefix)
+    # 3 new tokens: the plan asks for 2 drafts, one is left after the stepped token (the law of
+    # the first two tokens is tested)
+    cfg = SpecFedConfig(top_k=3, draft_length=3, max_new_tokens=3, max_active_sequences=DRAWS, max_k=SMALL_V,
+                        temperature=1.0, seed=1, weight_drop_below=0.0, max_prompt_tokens=16)
+    coord = Coordinator(TargetVerifier(target, vocab_size=SMALL_V), cfg, eos_token_ids=[])
+    for _ in range(DRAWS):
+        coord.submit(prefix)
+    plan = coord.plan_cohort(list(clients), None)
+    replies = {name: client.handle(plan.requests[name])[0] for name, client in clients.items()}
+    while coord.prefill_pending(max_tokens=10**6):
+        pass
+    assert coord.step_in_flight(plan.seq_ids) == DRAWS
+    report = coord.complete_round(replies, plan=plan)
+    assert report.drafted > DRAWS // 10  # drafts that started with the stepped token were verified
+    while coord.has_work:  # the third tokens (not tested)
+        plan = coord.plan_cohort(list(clients), None)
+        coord.complete_round({n: c.handle(plan.requests[n])[0] for n, c in clients.items()}, plan=plan)
+    _assert_two_token_law(np.array([r.token_ids[:2] for r in sorted(coord.finished, key=lambda r: r.index)]), p1, joint)

@@ -80,7 +80,12 @@ def test_per_prompt_overrides_from_jsonl(setup, tmp_path):
 
 
 @pytest.mark.parametrize("record,message", [
-    ({"prompt": "x", "seed": 3}, "per-prompt seed not supported"),
+    ({"prompt": "x", "seed": -1}, r"p\.jsonl:1: seed must be an integer in 0\.\.2\*\*63-1, got -1"),
+    ({"prompt": "x", "seed": 2.5}, r"p\.jsonl:1: seed must be an integer .* got 2\.5"),
+    ({"prompt": "x", "seed": 3.0}, r"p\.jsonl:1: seed must be an integer .* got 3\.0"),
+    ({"prompt": "x", "seed": "7"}, r"p\.jsonl:1: seed must be an integer .* got '7'"),
+    ({"prompt": "x", "seed": True}, r"p\.jsonl:1: seed must be an integer .* got True"),
+    ({"prompt": "x", "seed": 2**63}, r"p\.jsonl:1: seed must be an integer .* got 9223372036854775808"),
     ({"prompt": "x", "top_p": 1.5}, "top_p must be in"),
     ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ({"prompt": "x", "stop": [""]}, "config key 'stop'"),
@@ -90,6 +95,16 @@ def test_bad_prompt_records_fail_cleanly(tmp_path, record, message):
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(ValueError, match=message):
         prompt_options(str(path))
+
+
+def test_a_bad_seed_names_its_line(tmp_path):
+    """The line number is the record's, not the first one's; the largest seed is accepted."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "seed": 2**63 - 1}) + "\n\n" + json.dumps({"prompt": "b", "seed": -5}) + "\n")
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: seed must be"):
+        prompt_options(str(path))
+    path.write_text(json.dumps({"prompt": "a", "seed": 2**63 - 1}) + "\n" + json.dumps({"prompt": "b", "seed": 0}) + "\n")
+    assert prompt_options(str(path)) == [{"seed": 2**63 - 1}, {"seed": 0}]
 
 
 def test_bad_stop_config_and_stop_without_tokenizer(setup):

@@ -337,7 +337,7 @@ class SpecFedStrategy(Strategy):
                 own = dict(options.get(index, {}))
                 coordinator.submit(ids, index=index, owner=owner, prompt=prompt if isinstance(prompt, str) else None,
                                    max_new_tokens=own.get("max_new_tokens"), stop=own.get("stop"),
-                                   temperature=own.get("temperature"), top_p=own.get("top_p"))
+                                   temperature=own.get("temperature"), top_p=own.get("top_p"), seed=own.get("seed"))
             except (ValueError, TypeError) as exc:
                 refused[index] = str(exc)
                 log(WARNING, "prompt %d refused: %s", index, exc)
