@@ -39,7 +39,7 @@ DEFAULT_BUDGETS = (6, 8, 12, 16, 24, 32, 48, 64, 96)
 
 
 def _fixed_k_record(p: torch.Tensor, q: torch.Tensor, k: int, gamma: int, temperature: float) -> dict[str, Any]:
-    from .bench import Prefixes, fixed_prefix_alpha  # the benchmark's own fixed-prefix maths
+    from .bench.law import Prefixes, fixed_prefix_alpha  # the benchmark's own fixed-prefix maths
 
     m, v = p.shape
     fixed = fixed_prefix_alpha(Prefixes(p, q, [(0, i) for i in range(m)]), k, ["exact"])
@@ -130,7 +130,7 @@ def uplink_curve(
 def uplink_curve_for_pair(pair: Any, prompts: list[list[int]], continuations: list[list[int]],
                           **kwargs: Any) -> list[dict[str, Any]]:
     """The curve at every position of the given continuations (``bench.collect_prefixes``)."""
-    from .bench import collect_prefixes
+    from .bench.law import collect_prefixes
 
     pre = collect_prefixes(pair, prompts, continuations)
     return uplink_curve(pre.p, pre.q, **kwargs)

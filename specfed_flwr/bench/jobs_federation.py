@@ -82,6 +82,8 @@ def make_run_comparison(bench: "Bench") -> dict[str, Any]:
         "ratio_vs_target_only": m["tokens_per_s"] / base["tokens_per_s"], "exact_match": m.get("exact_match"),
         "proactive_hits": m.get("proactive_hits"), "proactive_misses": m.get("proactive_misses"),
         "draft_loads": m.get("draft_loads"), "resyncs_after_round_1": m.get("resyncs_after_round_1"),
+        # the uplink of a greedy run with the default encoding (auto: one compact slot per position)
+        "bytes_per_position_all_in": m.get("uplink_bytes_per_position"),
         "server_cpu_s_per_token": None}, label="make-run-settings")
     bench.advance()
     return rec

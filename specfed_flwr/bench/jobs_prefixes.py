@@ -24,6 +24,7 @@ def fixed_prefixes(bench: "Bench") -> None:
     pre = collect_prefixes(bench.pair, bench.work.prompts, bench.references)
     bench.fixed = {"per_k": alpha_per_k(pre, bench.preset.ks, bench.preset.reconstructions, bench.pair.vocab_size),
                    "prefixes": pre.p.shape[0]}
+    bench.fixed["uplink_curve"] = uplink_records(bench, pre)
     bench.advance()
 
     bench.step("fixed prefixes: output law / TV")
@@ -35,6 +36,17 @@ def fixed_prefixes(bench: "Bench") -> None:
     bench.step("Monte Carlo check at one prefix")
     bench.mc = monte_carlo_check(bench, pre, idx, laws)
     bench.advance()
+
+
+def uplink_records(bench: "Bench", pre: Prefixes) -> list[dict[str, Any]]:
+    """The bytes-vs-alpha curve of the uplink encodings at these prefixes (``uplinkcurve``: fixed
+    K vs a byte budget per position, float16 vs compact probabilities), one record each."""
+    from ..uplinkcurve import uplink_curve
+
+    out = []
+    for rec in uplink_curve(pre.p, pre.q, gamma=BASE["gamma"]):
+        out.append(bench.record("uplink_curve", "fixed-prefix", rec))
+    return out
 
 
 def alpha_per_k(pre: Prefixes, ks, rules, vocab: int) -> dict[str, dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .report_format import fmt, fmt_tv, table
+from .report_format import fmt, fmt_tv, table, status
 
 if TYPE_CHECKING:
     from .suite import Bench
@@ -58,6 +58,53 @@ def fixed_prefix_section(bench: "Bench") -> list[str]:
                         [[r["reconstruction"], r["draft_sampling"], fmt(r["tv_mc_to_target"], ".4f"),
                           fmt(r["tv_mc_to_exact_law"], ".4f"), fmt(r["tv_exact_law_to_target"], ".4f")] for r in bench.mc]))
         s.append("")
+    s += uplink_section(bench)
+    return s
+
+
+def uplink_section(bench: "Bench") -> list[str]:
+    """Bytes vs alpha per uplink encoding at the same fixed prefixes (temperature 1), and issue
+    13's targets: <= 32 B per position all-in within 2 points of the full distribution's alpha;
+    budgeted K at least as good as fixed K at every size."""
+    curve = (bench.fixed or {}).get("uplink_curve") or []
+    if not curve:
+        return []
+    s = ["### Uplink: bytes per drafted position vs alpha (same prefixes, temperature 1)\n"]
+    s.append("Every encoding's replies are built exactly as a device builds them (gamma positions per reply, "
+             "headers and counts included in the bytes); alpha = mean sum_x min(p, q_hat) with q_hat the law the "
+             "server reconstructs. `fixed-k`: K slots of float16 per position; `budgeted`: a byte budget per "
+             "position water-filled where the missing mass is largest, float16; `budgeted-compact`: the same with "
+             "uint8 log-domain probabilities and the 3 B per-sequence header.\n")
+    rows = [[r["encoding"], r.get("k") if r["encoding"] == "fixed-k" else fmt(r.get("budget"), ".0f"),
+             fmt(r["bytes_per_position_all_in"], ".1f"), fmt(r.get("mean_slots"), ".2f"),
+             fmt(r["alpha_fixed_prefixes"], ".4f"), fmt(r["alpha_full_fixed_prefixes"] - r["alpha_fixed_prefixes"], ".4f")]
+            for r in curve]
+    s.append(table(["encoding", "K / budget (B)", "B/position all-in", "mean slots", "alpha", "alpha gap to full q"], rows))
+    full = curve[0]["alpha_full_fixed_prefixes"]
+    within = [r for r in curve if r["bytes_per_position_all_in"] <= 32 and full - r["alpha_fixed_prefixes"] <= 0.02]
+    best32 = max((r for r in curve if r["bytes_per_position_all_in"] <= 32), key=lambda r: r["alpha_fixed_prefixes"],
+                 default=None)
+    fixed = sorted((r for r in curve if r["encoding"] == "fixed-k"), key=lambda r: r["bytes_per_position_all_in"])
+    dominated = []
+    for r in curve:
+        if r["encoding"] == "fixed-k":
+            continue
+        # the fixed-K point that spends at least as many bytes: budgeted must reach its alpha
+        above = [f for f in fixed if f["bytes_per_position_all_in"] >= r["bytes_per_position_all_in"]]
+        if above and r["alpha_fixed_prefixes"] < above[0]["alpha_fixed_prefixes"] - 1e-9:
+            dominated.append(f"{r['encoding']} at {r['budget']:g} B")
+    gap = full - best32["alpha_fixed_prefixes"] if best32 else None
+    s.append("")
+    s.append(table(["target", "measured", "status"], [
+        [f"<= 32 B per position all-in with alpha within 2 points of the full distribution ({full:.4f})",
+         f"best at <= 32 B: {best32['encoding']} {fmt(best32['bytes_per_position_all_in'], '.1f')} B, "
+         f"alpha {best32['alpha_fixed_prefixes']:.4f} (gap {100 * gap:.2f} points)" if best32 else "–",
+         status(bool(within))],
+        ["budgeted K at least as good as fixed K at every budget (vs the fixed-K point of as many bytes or more)",
+         "not dominated anywhere" if not dominated else "below fixed K at: " + ", ".join(dominated),
+         status(not dominated)],
+    ]))
+    s.append("")
     return s
 
 
