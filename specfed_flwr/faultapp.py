@@ -46,6 +46,60 @@ def _fault_of(faults: Mapping[int, str], context: Context) -> str | None:
     return kind
 
 
+def _broken(arrays: dict[str, np.ndarray], round_: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """The honest reply's arrays, broken: a NaN / refused probability (odd rounds) or a token id
+    outside the vocabulary (even rounds) at the first drafted slot, in whichever layout it travels
+    (fixed-k ``[B, G, K]`` arrays, or the flat arrays of the variable-K encodings)."""
+    from .wire import layout_of
+
+    ids = arrays["token_ids"]
+    if layout_of(arrays) == "fixed-k":
+        lengths, probs = arrays["lengths"], arrays["probs"]
+        if not np.any(lengths > 0) or ids.ndim != 3 or ids.shape[1] == 0:
+            if lengths.size == 0:
+                return arrays
+            # nothing drafted this round: claim one position anyway, so the reply stays broken
+            b, k = lengths.shape[0], max(1, ids.shape[-1] if ids.ndim == 3 else 1)
+            ids = arrays["token_ids"] = np.zeros((b, 1, k), dtype=ids.dtype)
+            probs = arrays["probs"] = np.zeros((b, 1, k), dtype=probs.dtype)
+            lengths[0] = 1
+        at = (int(np.argmax(lengths > 0)), 0, 0)
+        prob_name, bad_prob = "probs", np.nan
+    else:
+        if ids.size == 0:
+            # nothing drafted: an id array that does not match the counts is broken too
+            arrays["token_ids"] = np.zeros(1, dtype=ids.dtype)
+            return arrays
+        at = (0,)
+        prob_name = "prob_codes" if "prob_codes" in arrays else "probs"
+        bad_prob = 0 if prob_name == "prob_codes" else np.nan  # code 0 is refused, like a NaN
+    if round_ % 2:
+        arrays[prob_name][at] = bad_prob
+    else:
+        arrays["token_ids"][at] = min(vocab_size + 7, int(np.iinfo(ids.dtype).max))
+    return arrays
+
+
+def _random_like(arrays: dict[str, np.ndarray], round_: int, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Well-formed, confident random drafts (``adversarial.RandomDraftProposer``) in the shape and
+    layout of the honest reply."""
+    from .adversarial import RandomDraftProposer
+    from .wire import MAX_COUNT, decode_reply, layout_of, make_reply, reply_to_arrays
+
+    honest = decode_reply(arrays, vocab_size=vocab_size, max_k=MAX_COUNT, max_gamma=MAX_COUNT, encoding=layout_of(arrays))
+    k = max(1, honest.k)
+    fake = RandomDraftProposer(vocab_size, seed=seed).propose(
+        honest.seq_ids.tolist(), honest.lengths.tolist(), k, temperature=0.0, sampling="sparse")
+    g = honest.token_ids.shape[1]
+    ids = np.zeros((honest.batch_size, g, k), dtype=np.int64)
+    probs = np.zeros((honest.batch_size, g, k), dtype=np.float32)
+    ids[:, : fake.token_ids.shape[1]] = fake.token_ids[:, :g, :k]
+    probs[:, : fake.probs.shape[1]] = fake.probs[:, :g, :k]
+    counts = None if honest.counts is None else np.minimum(honest.counts, k)
+    return reply_to_arrays(make_reply(honest.seq_ids, honest.lengths, ids, probs, vocab_size,
+                                      encoding=honest.encoding, counts=counts))
+
+
 def _with_arrays(reply: Message, arrays: Mapping[str, np.ndarray]) -> Message:
     reply.content["draft"] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()})
     return reply
@@ -99,35 +153,9 @@ def make_fault_client_app(
         if kind not in ("nan", "random"):
             return reply
         arrays = {n: a.numpy().copy() for n, a in reply.content.array_records["draft"].items()}
-        ids, probs, lengths = arrays["token_ids"], arrays["probs"], arrays["lengths"]
         if kind == "nan":
-            if not np.any(lengths > 0) or ids.ndim != 3 or ids.shape[1] == 0:
-                if lengths.size == 0:
-                    return reply
-                # nothing drafted this round: claim one position anyway, so the reply stays broken
-                b, k = lengths.shape[0], max(1, ids.shape[-1] if ids.ndim == 3 else 1)
-                ids = arrays["token_ids"] = np.zeros((b, 1, k), dtype=ids.dtype)
-                probs = arrays["probs"] = np.zeros((b, 1, k), dtype=probs.dtype)
-                lengths[0] = 1
-            row = int(np.argmax(lengths > 0))
-            if round_ % 2:
-                probs[row, 0, 0] = np.nan
-            else:
-                ids[row, 0, 0] = min(vocab_size + 7, int(np.iinfo(ids.dtype).max))
-            return _with_arrays(reply, arrays)
-        # random: a RandomDraftProposer's drafts in the real reply's shape (ids dtype kept)
-        from .adversarial import RandomDraftProposer
-
-        proposer = RandomDraftProposer(vocab_size, seed=seed * 100_003 + round_ * 1009 + _partition(context))
-        fake = proposer.propose(arrays["seq_ids"].tolist(), lengths.tolist(), ids.shape[-1] if ids.ndim == 3 else 1,
-                                temperature=0.0, sampling="sparse")
-        g = ids.shape[1]
-        out_ids = np.zeros_like(ids)
-        out_probs = np.zeros_like(probs)
-        out_ids[:, : fake.token_ids.shape[1]] = fake.token_ids[:, :g].astype(ids.dtype)
-        out_probs[:, : fake.probs.shape[1]] = fake.probs[:, :g]
-        arrays["token_ids"], arrays["probs"] = out_ids, out_probs
-        return _with_arrays(reply, arrays)
+            return _with_arrays(reply, _broken(arrays, round_, vocab_size))
+        return _with_arrays(reply, _random_like(arrays, round_, vocab_size, seed * 100_003 + round_ * 1009 + _partition(context)))
 
     return app
 
