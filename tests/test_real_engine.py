@@ -3,7 +3,7 @@
 gamma=4, K=8, greedy: the output reproduces the target's own greedy ``generate`` on >= 8 of
 10 prompts (a divergence can only come from a near-tie between the top two target logits,
 where a multi-token verify forward and generate's one-token forward round differently; the
-test checks that every divergence is such a near-tie), and alpha >= 0.85.
+test checks that every divergence is such a near-tie), and an acceptance rate >= 0.85.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ def test_default_pair_engine_matches_target_greedy(pair):
         assert gap < 1e-3, f"prompt {seq.index} diverged at token {j} with a logit gap of {gap:.4g}: not a near-tie"
         near_ties += 1
     assert matches >= 8, f"only {matches}/10 prompts reproduced the target's greedy output ({near_ties} near-ties)"
-    assert result.metrics["alpha"] >= 0.85, result.metrics
+    # greedy: a draft is accepted iff it is the target's argmax, so the acceptance rate is the
+    # drafts' quality (the summary's alpha, sum min(p, q_bar), also measures how much of q a greedy
+    # reply's single compact slot leaves out; it is not what greedy acceptance depends on)
+    assert result.metrics["acceptance_rate"] >= 0.85, result.metrics
     # greedy, default uplink encoding (budgeted-compact): one slot per position -- a count byte, the
     # uint16 drafted token and its uint8 probability code -- against 4 * 49152 bytes of fp32
     assert result.metrics["topk_bytes_per_position"] == 1 + 2 + 1

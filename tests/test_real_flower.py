@@ -58,5 +58,5 @@ def test_default_pair_through_flower_matches_target_greedy(tmp_path):
         top2 = torch.topk(logits, 2).values
         assert float(top2[0] - top2[1]) < 1e-3, f"prompt {seq.index} diverged at token {j}: not a near-tie"
     assert matches >= 2
-    assert result.summary["alpha"] >= 0.8
+    assert result.summary["acceptance_rate"] >= 0.8  # greedy: the drafts' quality (see test_real_engine)
     assert {json.loads(line)["index"] for line in results.read_text().splitlines()} == {0, 1, 2}
