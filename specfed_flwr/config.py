@@ -58,7 +58,8 @@ class SpecFedConfig:
     draft: str = "default"
     """draft model for the devices (same forms; a SuperNode's `node_config` may choose its own)"""
     draft_quantization: Literal["int4", "int8", "none"] = "int4"
-    """`int4` (int4 body + int8 head; the default: fastest draft here at the same acceptance, see
+    """`int4` (int4 body + int8 head; the default: the smallest draft, and at the same acceptance
+    as int8; which of the two is faster per round varies from run to run on this shared CPU, see
     BENCHMARKS.md), `int8` or `none`: weight-only quantization of the draft's linear layers"""
     device: str = "auto"
     """target device: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`"""
