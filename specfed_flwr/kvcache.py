@@ -365,7 +365,10 @@ class PaddedBatch:
             # (no [B, n_keep, V] gather copy; this is the common verify case)
             logits = out.logits
         else:
-            logits = torch.take_along_dim(out.logits, local.to(out.logits.device).unsqueeze(-1), dim=1)
+            # advanced indexing, not take_along_dim: the latter broadcasts the [B, n_keep, 1] index to
+            # an int64 [B, n_keep, V] tensor first (twice the size of the logits it gathers)
+            rows = torch.arange(self.batch, device=out.logits.device).unsqueeze(1)  # [B, 1]
+            logits = out.logits[rows, local.to(out.logits.device)]  # [B, n_keep, V]
         empty = [row for row, k in enumerate(keep) if not k]
         if empty:
             logits = logits.clone() if logits is out.logits else logits
