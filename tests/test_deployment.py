@@ -253,7 +253,6 @@ def test_deployment_three_nodes_one_random_greedy_equals_target(tmp_path: Path) 
 
 
 @pytest.mark.flower
-@pytest.mark.xfail(reason="regressed late this session, not yet diagnosed: after the SuperNode is killed the survivor's rounds stop arriving and rounds run far past round-timeout (exchange ~185 s); see the closing note", strict=False)
 def test_deployment_survives_a_dead_supernode(tmp_path: Path) -> None:
     summary, node_of, _, _ = _fault_run(tmp_path, ["supernode-1"])
     dead, alive = node_of["supernode-1"], node_of["supernode-0"]
