@@ -1,10 +1,13 @@
 """specfed-flwr ClientApp: decode the server's message, draft on the device, reply.
 
-Two query handlers:
+Three query handlers:
 * ``query.handshake``: load the draft once for this process, report tokenizer fingerprint,
   draft identity, the node's own settings (node_config) and, in per-device mode, its prompts;
 * ``query.draft``: apply the accepted deltas, draft gamma tokens per sequence, reply with the
-  compact top-K arrays and metrics (with this process's pid and draft-load count).
+  compact top-K arrays and metrics (with this process's pid and draft-load count);
+* ``query.standby``: hold the message for the time the server asks, then answer it empty, so
+  the SuperNode is busy (not in its 3 s idle sleep) when the next request arrives
+  (``strategies/standby.py``).
 
 The work lives in ``device.RUNTIME`` (one per process), so the draft model and the KV caches stay
 warm for as long as the process lives. On the deployment engine that is the whole run when the
@@ -17,14 +20,18 @@ becomes a Flower error reply, never a crash.
 from __future__ import annotations
 
 import logging
+import time
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from .records import config_record, reply_content, request_from_content
 
 # ``.device`` (torch, transformers, the draft model) is imported by the first handler call, not at
 # import time: loading the app (``flwr-clientapp``, the device runtime, a Ray actor) stays cheap.
+
+#: a device never holds a standby longer than this, whatever a server asks (s)
+STANDBY_HOLD_LIMIT_S = 5.0
 
 app = ClientApp()
 log = logging.getLogger("specfed_flwr")
@@ -69,3 +76,11 @@ def draft(message: Message, context: Context) -> Message:
     _warn_in_process_load()
     reply, metrics = RUNTIME.draft(_key(message, context), node_settings(server_cfg, context.node_config), request)
     return Message(reply_content(reply, metrics), reply_to=message)
+
+
+@app.query("standby")
+def standby(message: Message, context: Context) -> Message:  # noqa: ARG001 - Flower's handler signature
+    hold = float(message.content.config_records["standby"]["hold_s"])
+    hold = min(max(hold, 0.0), STANDBY_HOLD_LIMIT_S) if hold == hold else 0.0  # NaN holds nothing
+    time.sleep(hold)
+    return Message(RecordDict({"standby": ConfigRecord({"held_s": hold})}), reply_to=message)

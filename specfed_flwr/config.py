@@ -110,6 +110,12 @@ class SpecFedConfig:
     start with the tokens decoded meanwhile. `auto` = on unless the devices share the server's CPUs
     (worker threads, the simulation engine, devices on this machine), where a target step only takes
     compute from the drafting it waits for"""
+    standby_messages: Literal["auto", "off"] = "auto"
+    """deployment engine: queue a small standby message behind a node's draft request when nothing
+    else is queued for it; the device holds it about as long as the server takes to send the next
+    request, so the node's SuperNode is not in Flower's hard-coded 3 s idle sleep when that request
+    arrives. `auto` = for nodes whose handshake reports `specfed-flwr device-runtime` (never on the
+    simulation engine, nor on Flower's stock path, where every message costs a new process)"""
     uplink_encoding: Literal["auto", "fixed-k", "budgeted", "budgeted-compact"] = "auto"
     """how a reply travels (docs/DESIGN.md, wire format): `fixed-k` (K uint16/int32 ids + K float16
     probabilities per position, 12 B per sequence of header), `budgeted` (a uint8 count per position,

@@ -19,6 +19,7 @@ import numpy as np
 from .client_core import DraftClient
 from .config import SpecFedConfig
 from .protocol import DraftRequest
+from .records import DEVICE_RUNTIME_ENV
 from .proposer import DraftStateError, HFDraftProposer
 from .wire import make_reply, payload_bytes
 from .specs import LoadedModel, load_draft_spec
@@ -119,6 +120,9 @@ class DeviceRuntime:
                 # which machine drafts: the server runs target steps while it waits only for
                 # devices on other machines (``target-steps-while-waiting``)
                 "host": machine_id(),
+                # "persistent" in ``specfed-flwr device-runtime``: this process answers every message
+                # of the run, so the server may queue standby messages for it
+                "runtime": os.environ.get(DEVICE_RUNTIME_ENV, ""),
             }
         )
         for k in ("max-k", "uplink-mbps", "downlink-mbps", "rtt-ms"):

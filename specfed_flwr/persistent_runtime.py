@@ -370,6 +370,9 @@ class PersistentRuntime:
         """Acquire and run tasks until :attr:`stop_event` is set (or ``max_tasks`` were served).
         Returns the number of tasks served. A SuperNode that is not (yet, or no longer) reachable is
         waited for; an authentication refusal ends the loop with :class:`RuntimeSetupError`."""
+        from .records import DEVICE_RUNTIME_ENV
+
+        os.environ[DEVICE_RUNTIME_ENV] = "persistent"  # the ClientApp's handshake reports it (standby messages)
         log.info("device runtime (pid %d) serving the Runtime API at %s, ClientApp %s, poll %.3f s",
                  os.getpid(), self.address, self.app_ref or "from each run's FAB", self.poll_interval)
         unreachable_since: float | None = None

@@ -13,6 +13,12 @@ from .wire import DraftReply, reply_to_arrays
 
 DRAFT_MESSAGE = "query.draft"
 HANDSHAKE_MESSAGE = "query.handshake"
+#: a message the device holds before answering, so its SuperNode is not idle-sleeping when the next
+#: request arrives (``strategies/standby.py``)
+STANDBY_MESSAGE = "query.standby"
+#: set (to "persistent") by ``specfed-flwr device-runtime`` in its own process: the handshake reports
+#: it, and only such nodes get standby messages
+DEVICE_RUNTIME_ENV = "SPECFED_DEVICE_RUNTIME"
 
 
 class MissingRecordError(KeyError):

@@ -135,8 +135,8 @@ def test_tiny_run_lists_both_deployment_runtimes(tiny_run):
     """--no-flower: one not-measured deployment record per ClientApp runtime, with the record fields."""
     out, md = tiny_run
     records = [r for r in json.loads((out / "results.json").read_text()) if r["engine"] == "flower-deployment"]
-    assert sorted((r["runtime"], r["pipelined"]) for r in records) == [
-        ("persistent", False), ("persistent", True), ("stock", False)]
+    assert sorted((r["runtime"], r["pipelined"], r["standby_messages"]) for r in records) == [
+        ("persistent", False, False), ("persistent", False, True), ("persistent", True, True), ("stock", False, True)]
     for r in records:
         assert r["round_s_median"] is None and r["reply_gap_s_median"] is None
     assert "Deployment engine: persistent device runtime vs stock" in md.read_text()

@@ -20,8 +20,15 @@ log = logging.getLogger("specfed_flwr.bench")
 
 #: ClientApp runtimes of the deployment engine, measured side by side (same prompts, same run)
 DEPLOYMENT_RUNTIMES = ("persistent", "stock")
-#: (runtime, pipelined) configurations measured: strict rounds on both runtimes, then pipelined
-DEPLOYMENT_RUNS = (("persistent", False), ("stock", False), ("persistent", True))
+#: (runtime, pipelined, standby messages) configurations measured: strict rounds on both runtimes
+#: (the persistent one with and without standby messages, ``strategies/standby.py``), then pipelined
+DEPLOYMENT_RUNS = (("persistent", False, True), ("persistent", False, False), ("stock", False, True),
+                   ("persistent", True, True))
+
+
+def deployment_run_name(runtime: str, pipelined: bool, standby: bool) -> str:
+    """The record label / analysis key of one deployment configuration."""
+    return f"{runtime}{'-pipelined' if pipelined else ''}{'' if standby or runtime == 'stock' else '-no-standby'}"
 #: issue 11's bar for a strict round with the persistent runtime (stock: 6.3-7.8 s)
 DEPLOYMENT_ROUND_TARGET_S = 4.0
 
@@ -172,8 +179,9 @@ def deployment(bench: "Bench") -> None:
             "reply_gap_s_median": None}
     if args.no_flower or args.no_deployment:
         why = "--no-flower" if args.no_flower else "--no-deployment"
-        for runtime, pipelined in DEPLOYMENT_RUNS:
-            bench.record("engine", "flower-deployment", dict(base, runtime=runtime, pipelined=pipelined),
+        for runtime, pipelined, standby in DEPLOYMENT_RUNS:
+            bench.record("engine", "flower-deployment", dict(base, runtime=runtime, pipelined=pipelined,
+                                                             standby_messages=standby),
                          status="not measured", note=f"skipped ({why})")
         bench.analysis["deployment_runtimes"] = f"not measured ({why})"
         return
@@ -181,15 +189,16 @@ def deployment(bench: "Bench") -> None:
     n = pr.deployment_max_new_tokens
     refs = [r[:n] for r in bench.references] if bench.references else None
     measured: dict[str, dict[str, Any]] = {}
-    for runtime, pipelined in DEPLOYMENT_RUNS:
-        name = f"{runtime}{'-pipelined' if pipelined else ''}"
+    for runtime, pipelined, standby in DEPLOYMENT_RUNS:
+        name = deployment_run_name(runtime, pipelined, standby)
         bench.step(f"flower deployment c={conc} {name}")
         try:
             m = run_deployment(bench.pair, prompts, clients=2, concurrency=conc, max_new_tokens=n, references=refs,
-                               device=args.device, runtime=runtime, pipelined=pipelined)
+                               device=args.device, runtime=runtime, pipelined=pipelined, standby=standby)
         except Exception as exc:  # report, do not lose the rest of the run
             log.exception("Flower deployment run (%s) failed", name)
-            bench.record("engine", "flower-deployment", dict(base, runtime=runtime, pipelined=pipelined),
+            bench.record("engine", "flower-deployment", dict(base, runtime=runtime, pipelined=pipelined,
+                                                             standby_messages=standby),
                          status="failed", error=f"{type(exc).__name__}: {str(exc)[-600:]}")
             bench.advance()
             continue
@@ -206,7 +215,8 @@ def deployment_comparison(measured: dict[str, dict[str, Any]], target_s: float) 
     for runtime, r in measured.items():
         out[runtime] = {k: r.get(k) for k in ("round_s_median", "reply_gap_s_median", "rounds", "tokens_per_s",
                                                "clientapp_processes_per_node", "draft_loads", "exact_match",
-                                               "pipelined", "proactive_hits", "proactive_misses")}
+                                               "pipelined", "proactive_hits", "proactive_misses",
+                                               "standby_messages", "standby_sent", "standby_median_hold_s")}
     pp = measured.get("persistent-pipelined")
     if pp and pp.get("reply_gap_s_median") is not None:
         out["reply_gap_met"] = pp["reply_gap_s_median"] <= 0.8

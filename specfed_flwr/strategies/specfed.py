@@ -43,6 +43,7 @@ from ..tokens import decode_texts, encode_prompt
 from ..records import DRAFT_MESSAGE, HANDSHAKE_MESSAGE, config_record, reply_arrays, request_content
 from ..target import TargetVerifier
 from ..wire import WireFormatError, decode_reply
+from .standby import StandbyPlanner
 from .strategy_utils import GridTransport, NodeProcesses, error_reply_fault, note_state_lost, short_reason
 
 
@@ -283,7 +284,11 @@ class SpecFedStrategy(Strategy):
                 self.on_round(report)
             round_walls.append(time.perf_counter() - flight.pushed_at)
 
-        transport = GridTransport(grid, self.configure_draft, self.aggregate_draft, self._poll)
+        standby = None
+        if cfg.standby_messages == "auto" and not processes.simulation:
+            standby = StandbyPlanner({n for n, info in infos.items() if info.get("runtime") == "persistent"})
+        transport = GridTransport(grid, self.configure_draft, self.aggregate_draft, self._poll,
+                                  standby=standby, standby_ttl=float(cfg.round_timeout))
         # devices on this machine (the simulation engine, a loopback deployment) share its CPUs
         transport.shares_server_cpus = any(str(info.get("host", "")) == machine_id() for info in infos.values())
         run_rounds(coordinator, transport, list(infos), depth=cfg.depth(), round_timeout=cfg.round_timeout,
@@ -305,6 +310,7 @@ class SpecFedStrategy(Strategy):
         summary["reply_times"] = reply_times
         summary["round_wall_seconds"] = round_walls
         summary["poll_interval"] = self._poll
+        summary["standby"] = dict(standby.stats(), nodes=sorted(standby.nodes)) if standby is not None else None
         return SpecFedResult(
             sequences=results,
             summary=summary,

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any, Callable
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from ..faults import EventKind, Fault, FaultKind
 from ..pipeline import InFlight
 from ..protocol import DraftRequest, RoundPlan
+from ..records import STANDBY_MESSAGE
+from .standby import StandbyPlanner
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -57,16 +59,31 @@ def error_reply_fault(message: Message, deadline_s: float, what: str = "round") 
     return Fault(FaultKind.ERROR_REPLY, f"error reply from the device: {short_reason(message.error.reason)}")
 
 
+def standby_message(node_id: int, hold_s: float, round_: int, ttl: float) -> Message:
+    """A ``query.standby`` message: the device answers it after holding it ``hold_s`` seconds
+    (``standby.py`` says why)."""
+    content = RecordDict({"standby": ConfigRecord({"hold_s": float(hold_s)})})
+    return Message(content, dst_node_id=int(node_id), message_type=STANDBY_MESSAGE, group_id=str(round_),
+                   ttl=float(ttl))
+
+
 class GridTransport:
     """Flower's grid (simulation or deployment) as a ``pipeline.Transport``: ``push_messages`` and
-    ``pull_messages`` never block, so several rounds can be in flight."""
+    ``pull_messages`` never block, so several rounds can be in flight.
+
+    ``standby``: on the deployment engine, which nodes get a standby message queued behind their
+    draft request (``standby.StandbyPlanner``); None sends none."""
 
     def __init__(self, grid: "Grid", configure: Callable[[RoundPlan], dict[str, Message]],
-                 aggregate: Callable[[dict[str, DraftRequest], dict[str, Message]], tuple], poll_interval: float):
+                 aggregate: Callable[[dict[str, DraftRequest], dict[str, Message]], tuple], poll_interval: float,
+                 *, standby: StandbyPlanner | None = None, standby_ttl: float = 60.0):
         self.grid = grid
         self.configure = configure
         self.aggregate = aggregate
         self.poll_interval = poll_interval
+        self.standby = standby
+        self.standby_ttl = standby_ttl
+        self._standby_ids: set[str] = set()  # pushed standbys whose replies are still to be pulled (and dropped)
 
     def push(self, plan: RoundPlan, timeout: float) -> InFlight:
         now = time.perf_counter()
@@ -74,35 +91,50 @@ class GridTransport:
         flight = InFlight(plan, now, now + timeout, set())
         if not messages:
             return flight
+        holds = self.standby.plan(list(messages), now) if self.standby is not None else {}
+        standbys = [standby_message(int(name), hold, plan.round, self.standby_ttl) for name, hold in holds.items()]
         try:
-            ids = [str(i) for i in self.grid.push_messages(list(messages.values())) if i]
+            ids = [str(i) for i in self.grid.push_messages(list(messages.values()) + standbys) if i]
         except Exception as exc:  # a transport hiccup costs this round's drafts, not the run
             log(WARNING, "pushing %d message(s) failed (%s: %s); this round goes without them",
                 len(messages), type(exc).__name__, exc)
+            if self.standby is not None:
+                self.standby.closed(list(messages))
             return flight
         # map replies to nodes by the id each pushed message got (a grid returns only the ids it
         # stored, so the position in the returned list is not enough)
         stored = set(ids)
         node_of = {m.metadata.message_id: name for name, m in messages.items() if m.metadata.message_id in stored}
-        if not node_of and len(ids) == len(messages):
+        if not node_of and len(ids) == len(messages) + len(standbys):
             node_of = dict(zip(ids, messages))
+        self._standby_ids |= {m.metadata.message_id for m in standbys if m.metadata.message_id in stored}
         flight.handles = node_of
         flight.expected = set(node_of.values())
+        if self.standby is not None:
+            self.standby.closed([name for name in messages if name not in flight.expected])  # never stored
         return flight
 
     def pull(self, flights: list[InFlight]) -> None:
         pending = {mid: f for f in flights for mid, name in f.handles.items() if name not in f.raw}
-        if not pending:
+        if not pending and not self._standby_ids:
             return
-        for reply in self.grid.pull_messages(list(pending)):
+        for reply in self.grid.pull_messages(list(pending) + list(self._standby_ids)):
             mid = reply.metadata.reply_to_message_id
+            if mid in self._standby_ids:  # a standby's answer carries nothing: drop it
+                self._standby_ids.discard(mid)
+                continue
             flight = pending.pop(mid, None)
             if flight is not None:
                 name = flight.handles[mid]
+                now = time.perf_counter()
                 flight.raw[name] = reply
-                flight.arrivals[name] = time.perf_counter()
+                flight.arrivals[name] = now
+                if self.standby is not None:
+                    self.standby.delivered(name, now)
 
     def decode(self, flight: InFlight):
+        if self.standby is not None:
+            self.standby.closed([name for name in flight.handles.values() if name not in flight.raw])
         return self.aggregate(flight.plan.requests, flight.raw)
 
     def wait(self, seconds: float) -> None:

@@ -1,0 +1,181 @@
+"""Standby messages (``strategies/standby.py``): which draft requests get one, how long the device
+holds it, and that their replies never reach the rounds. The deployment tests run them for real
+(``test_deployment.py``: the persistent runtime reports itself, the server queues standbys)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from specfed_flwr.protocol import DraftRequest, RoundPlan
+from specfed_flwr.records import STANDBY_MESSAGE
+from specfed_flwr.strategies.standby import (
+    INITIAL_HOLD_S,
+    MAX_HOLD_S,
+    MIN_HOLD_S,
+    TRANSIT_MARGIN_S,
+    StandbyPlanner,
+)
+from specfed_flwr.strategies.strategy_utils import GridTransport
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Messages built outside a running Flower app need a run id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 7, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+# ---- the planner -------------------------------------------------------------------------------
+
+
+def test_first_request_gets_the_initial_hold_and_only_standby_nodes_get_one() -> None:
+    planner = StandbyPlanner({"1"})
+    assert planner.plan(["1", "2"], now=0.0) == {"1": INITIAL_HOLD_S}
+    assert planner.sent == 1
+
+
+def test_no_standby_while_another_request_of_the_node_is_open() -> None:
+    """A request already queued keeps the SuperNode awake: a standby between them would only delay it."""
+    planner = StandbyPlanner({"1"})
+    assert planner.plan(["1"], now=0.0) == {"1": INITIAL_HOLD_S}
+    assert planner.plan(["1"], now=0.1) == {}  # pipelined: the first is still out
+    planner.delivered("1", now=1.0)
+    assert planner.plan(["1"], now=1.2) == {}  # the second is still out
+    planner.delivered("1", now=2.0)
+    planner.delivered("1", now=2.1)  # all three answered: nothing of the node is queued any more
+    assert "1" in planner.plan(["1"], now=2.3)
+
+
+def test_hold_is_the_median_turnaround_plus_margin_clamped() -> None:
+    planner = StandbyPlanner({"1"})
+    t = 0.0
+    for turnaround in (0.3, 0.5, 0.4):
+        planner.plan(["1"], now=t)
+        planner.delivered("1", now=t + 1.0)
+        t += 1.0 + turnaround
+    holds = planner.plan(["1"], now=t)
+    # turnarounds recorded at each push after a reply: 0.3, 0.5, 0.4 -> median 0.4
+    assert holds["1"] == pytest.approx(0.4 + TRANSIT_MARGIN_S)
+    slow = StandbyPlanner({"1"})
+    slow.plan(["1"], now=0.0)
+    slow.delivered("1", now=1.0)
+    assert slow.plan(["1"], now=30.0)["1"] == MAX_HOLD_S  # a hold as long as the 3 s sleep gains nothing
+    fast = StandbyPlanner({"1"})
+    fast.plan(["1"], now=0.0)
+    fast.delivered("1", now=1.0)
+    assert fast.plan(["1"], now=1.0)["1"] == max(MIN_HOLD_S, TRANSIT_MARGIN_S)
+
+
+def test_a_request_closed_unanswered_reopens_the_node() -> None:
+    planner = StandbyPlanner({"1"})
+    planner.plan(["1"], now=0.0)
+    planner.closed(["1"])  # its round was decoded without a reply (deadline)
+    assert "1" in planner.plan(["1"], now=5.0)
+
+
+# ---- the transport -----------------------------------------------------------------------------
+
+
+class EchoGrid:
+    """Stores messages like a SuperLink (ids assigned on push) and answers each at once."""
+
+    def __init__(self):
+        self.pushed: list[Message] = []
+        self.inbox: list[Message] = []
+        self.pull_calls: list[list[str]] = []
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            self.pushed.append(m)
+            self.inbox.append(Message(RecordDict({"echo": ConfigRecord({"ok": 1})}), reply_to=m))
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted = set(message_ids)
+        self.pull_calls.append(list(message_ids))
+        out = [m for m in self.inbox if m.metadata.reply_to_message_id in wanted]
+        self.inbox = [m for m in self.inbox if m.metadata.reply_to_message_id not in wanted]
+        return out
+
+
+def _plan(round_: int, nodes: list[str]) -> RoundPlan:
+    req = DraftRequest(seq_ids=np.array([0], dtype=np.int64), starts=np.array([0], dtype=np.int64),
+                       delta_offsets=np.array([0, 1], dtype=np.int64), delta_tokens=np.array([5], dtype=np.int32),
+                       gammas=np.array([2], dtype=np.int32))
+    return RoundPlan(round=round_, cohort=None, seq_ids=[0], requests={n: req for n in nodes}, committed={0: 1})
+
+
+def _configure(plan: RoundPlan) -> dict[str, Message]:
+    return {n: Message(RecordDict({"q": ConfigRecord({"round": plan.round})}), dst_node_id=int(n),
+                       message_type="query.draft", group_id=str(plan.round)) for n in plan.requests}
+
+
+def test_transport_queues_a_standby_behind_the_request_and_drops_its_reply(flower_task_identity) -> None:
+    grid = EchoGrid()
+    planner = StandbyPlanner({"1"})
+    transport = GridTransport(grid, _configure, lambda requests, raw: raw, 0.01, standby=planner, standby_ttl=9.0)
+    flight = transport.push(_plan(1, ["1", "2"]), timeout=5.0)
+    types = [(m.metadata.message_type, int(m.metadata.dst_node_id)) for m in grid.pushed]
+    # the node's request first, its standby right behind it; node 2 (stock path) gets none
+    assert types == [("query.draft", 1), ("query.draft", 2), (STANDBY_MESSAGE, 1)]
+    standby = grid.pushed[-1]
+    assert standby.content.config_records["standby"]["hold_s"] == INITIAL_HOLD_S
+    assert standby.metadata.ttl == 9.0
+    transport.pull([flight])
+    assert set(flight.raw) == {"1", "2"}  # the draft replies, and nothing else
+    assert all(m.metadata.message_type != STANDBY_MESSAGE for m in flight.raw.values())
+    assert grid.inbox == []  # the standby's reply was pulled (and dropped), not left in the SuperLink
+    transport.decode(flight)
+    grid.pull_calls.clear()
+    transport.pull([])  # nothing pending: no pull at all
+    assert grid.pull_calls == []
+
+
+def test_transport_without_a_planner_sends_no_standby(flower_task_identity) -> None:
+    grid = EchoGrid()
+    transport = GridTransport(grid, _configure, lambda requests, raw: raw, 0.01)
+    transport.push(_plan(1, ["1"]), timeout=5.0)
+    assert [m.metadata.message_type for m in grid.pushed] == ["query.draft"]
+
+
+# ---- the device's handler ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("asked,held", [(0.05, 0.05), (-3.0, 0.0), (float("nan"), 0.0)])
+def test_client_holds_the_standby_then_answers_it(flower_task_identity, asked, held) -> None:
+    from specfed_flwr import client_app
+
+    message = Message(RecordDict({"standby": ConfigRecord({"hold_s": asked})}), dst_node_id=1,
+                      message_type=STANDBY_MESSAGE, group_id="1")
+    message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    started = time.perf_counter()
+    reply = client_app.standby(message, context=None)
+    elapsed = time.perf_counter() - started
+    assert reply.content.config_records["standby"]["held_s"] == held
+    assert held <= elapsed < held + 0.5
+
+
+def test_client_caps_a_huge_hold(flower_task_identity, monkeypatch) -> None:
+    from specfed_flwr import client_app
+
+    slept = []
+    monkeypatch.setattr(client_app.time, "sleep", slept.append)
+    message = Message(RecordDict({"standby": ConfigRecord({"hold_s": 1e9})}), dst_node_id=1,
+                      message_type=STANDBY_MESSAGE, group_id="1")
+    message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    reply = client_app.standby(message, context=None)
+    assert slept == [client_app.STANDBY_HOLD_LIMIT_S]
+    assert reply.content.config_records["standby"]["held_s"] == client_app.STANDBY_HOLD_LIMIT_S
