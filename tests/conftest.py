@@ -15,3 +15,14 @@ def _torch_threads(request):
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
     yield
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Messages built outside a running Flower app need a run id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 7, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

@@ -31,6 +31,10 @@ from specfed_flwr.specs import load_target_spec
 APP_DIR = Path(__file__).resolve().parents[1]
 VOCAB = 1024
 RUN_TIMEOUT = 240.0
+#: runs with a killed process: every round that still asks the dead node waits out its 15 s
+#: deadline, and on a loaded 2-core machine the survivor has been seen missing deadlines too (a full
+#: suite run took 242.6 s and finished correctly; not diagnosed, see the closing note)
+FAULT_RUN_TIMEOUT = 480.0
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -210,7 +214,7 @@ def _fault_run(tmp_path: Path, kill: list[str], restart: bool = False, **overrid
 
             restarter = threading.Thread(target=restart_after_fault, daemon=True)
             restarter.start()
-        rc = flwr_run(stack, APP_DIR, cfg, stream=False, timeout=RUN_TIMEOUT)
+        rc = flwr_run(stack, APP_DIR, cfg, stream=False, timeout=FAULT_RUN_TIMEOUT)
         watcher.join(timeout=5)
         if restarter is not None:
             restarter.join(timeout=5)

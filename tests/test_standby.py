@@ -23,17 +23,6 @@ from specfed_flwr.strategies.standby import (
 from specfed_flwr.strategies.strategy_utils import GridTransport
 
 
-@pytest.fixture
-def flower_task_identity():
-    """Messages built outside a running Flower app need a run id."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 7, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
 # ---- the planner -------------------------------------------------------------------------------
 
 
@@ -179,3 +168,47 @@ def test_client_caps_a_huge_hold(flower_task_identity, monkeypatch) -> None:
     reply = client_app.standby(message, context=None)
     assert slept == [client_app.STANDBY_HOLD_LIMIT_S]
     assert reply.content.config_records["standby"]["held_s"] == client_app.STANDBY_HOLD_LIMIT_S
+
+
+# ---- pulling replies one call per node (``reply_puller.py``) -----------------------------------
+
+
+class StuckGrid:
+    """Node 2's replies never finish pulling (its objects never arrive); node 1's come at once."""
+
+    def __init__(self):
+        import threading
+
+        self.release = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def pull_messages(self, message_ids):
+        self.calls.append(list(message_ids))
+        if any(mid.startswith("n2") for mid in message_ids):
+            self.release.wait(30)
+            return []
+        return [f"reply-{mid}" for mid in message_ids]
+
+
+def test_a_blocked_pull_does_not_hold_up_other_nodes() -> None:
+    from specfed_flwr.strategies.reply_puller import ReplyPuller
+
+    grid = StuckGrid()
+    puller = ReplyPuller(grid, settle_s=0.05)
+    try:
+        started = time.perf_counter()
+        got = puller.pull({"1": ["n1-a"], "2": ["n2-a"]})
+        assert got == ["reply-n1-a"]  # node 1's reply arrives though node 2's call hangs
+        assert time.perf_counter() - started < 1.0
+        got = puller.pull({"1": ["n1-b"], "2": ["n2-b"]})
+        assert got == ["reply-n1-b"]
+        # node 2's call is still running: no second call was started for it
+        assert [c for c in grid.calls if c[0].startswith("n2")] == [["n2-a"]]
+    finally:
+        grid.release.set()
+    deadline = time.perf_counter() + 5
+    while "2" in puller.running and time.perf_counter() < deadline:
+        puller.pull({})
+        time.sleep(0.01)
+    assert "2" not in puller.running  # collected once it returned; node 2 can be pulled again
+    puller.pull({"2": ["n2-c"]})

@@ -271,17 +271,6 @@ class ScriptedGrid:
         return out
 
 
-@pytest.fixture
-def flower_task_identity():
-    """Messages built outside a running Flower app need a run id."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 7, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     # node 2 passes the handshake often enough for its junk draft replies to be exercised

@@ -43,6 +43,7 @@ from ..tokens import decode_texts, encode_prompt
 from ..records import DRAFT_MESSAGE, HANDSHAKE_MESSAGE, config_record, reply_arrays, request_content
 from ..target import TargetVerifier
 from ..wire import WireFormatError, decode_reply
+from .reply_puller import ReplyPuller
 from .standby import StandbyPlanner
 from .strategy_utils import GridTransport, NodeProcesses, error_reply_fault, note_state_lost, short_reason
 
@@ -288,7 +289,8 @@ class SpecFedStrategy(Strategy):
         if cfg.standby_messages == "auto" and not processes.simulation:
             standby = StandbyPlanner({n for n, info in infos.items() if info.get("runtime") == "persistent"})
         transport = GridTransport(grid, self.configure_draft, self.aggregate_draft, self._poll,
-                                  standby=standby, standby_ttl=float(cfg.round_timeout))
+                                  standby=standby, standby_ttl=float(cfg.round_timeout),
+                                  puller=None if processes.simulation else ReplyPuller(grid))
         # devices on this machine (the simulation engine, a loopback deployment) share its CPUs
         transport.shares_server_cpus = any(str(info.get("host", "")) == machine_id() for info in infos.values())
         run_rounds(coordinator, transport, list(infos), depth=cfg.depth(), round_timeout=cfg.round_timeout,

@@ -20,6 +20,7 @@ from ..faults import EventKind, Fault, FaultKind
 from ..pipeline import InFlight
 from ..protocol import DraftRequest, RoundPlan
 from ..records import STANDBY_MESSAGE
+from .reply_puller import ReplyPuller
 from .standby import StandbyPlanner
 
 if TYPE_CHECKING:
@@ -72,18 +73,22 @@ class GridTransport:
     ``pull_messages`` never block, so several rounds can be in flight.
 
     ``standby``: on the deployment engine, which nodes get a standby message queued behind their
-    draft request (``standby.StandbyPlanner``); None sends none."""
+    draft request (``standby.StandbyPlanner``); None sends none. ``puller``: on the deployment
+    engine, replies are pulled one call per node in background threads (``reply_puller.py``: a
+    reply whose objects never arrive must not hold up the other nodes'); None pulls all in one call."""
 
     def __init__(self, grid: "Grid", configure: Callable[[RoundPlan], dict[str, Message]],
                  aggregate: Callable[[dict[str, DraftRequest], dict[str, Message]], tuple], poll_interval: float,
-                 *, standby: StandbyPlanner | None = None, standby_ttl: float = 60.0):
+                 *, standby: StandbyPlanner | None = None, standby_ttl: float = 60.0,
+                 puller: ReplyPuller | None = None):
         self.grid = grid
         self.configure = configure
         self.aggregate = aggregate
         self.poll_interval = poll_interval
         self.standby = standby
         self.standby_ttl = standby_ttl
-        self._standby_ids: set[str] = set()  # pushed standbys whose replies are still to be pulled (and dropped)
+        self.puller = puller
+        self._standby_ids: dict[str, str] = {}  # pushed standby -> node, until its reply is pulled (and dropped)
 
     def push(self, plan: RoundPlan, timeout: float) -> InFlight:
         now = time.perf_counter()
@@ -107,7 +112,8 @@ class GridTransport:
         node_of = {m.metadata.message_id: name for name, m in messages.items() if m.metadata.message_id in stored}
         if not node_of and len(ids) == len(messages) + len(standbys):
             node_of = dict(zip(ids, messages))
-        self._standby_ids |= {m.metadata.message_id for m in standbys if m.metadata.message_id in stored}
+        self._standby_ids.update({m.metadata.message_id: str(int(m.metadata.dst_node_id)) for m in standbys
+                                  if m.metadata.message_id in stored})
         flight.handles = node_of
         flight.expected = set(node_of.values())
         if self.standby is not None:
@@ -118,10 +124,19 @@ class GridTransport:
         pending = {mid: f for f in flights for mid, name in f.handles.items() if name not in f.raw}
         if not pending and not self._standby_ids:
             return
-        for reply in self.grid.pull_messages(list(pending) + list(self._standby_ids)):
+        if self.puller is None:
+            replies = self.grid.pull_messages(list(pending) + list(self._standby_ids))
+        else:
+            by_node: dict[str, list[str]] = {}
+            for mid, flight in pending.items():
+                by_node.setdefault(flight.handles[mid], []).append(mid)
+            for mid, node in self._standby_ids.items():
+                by_node.setdefault(node, []).append(mid)
+            replies = self.puller.pull(by_node)
+        for reply in replies:
             mid = reply.metadata.reply_to_message_id
             if mid in self._standby_ids:  # a standby's answer carries nothing: drop it
-                self._standby_ids.discard(mid)
+                del self._standby_ids[mid]
                 continue
             flight = pending.pop(mid, None)
             if flight is not None:
