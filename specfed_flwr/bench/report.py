@@ -28,6 +28,8 @@ def markdown(bench: "Bench", plots: dict[str, Path], md_path: Path) -> str:
     s += targets_section(bench) + method_section(bench) + glossary_section()
     s += engines_section(bench) + flower_overhead_section(bench)
     s.append(deployment_runtimes_section(a.get("deployment_runtimes")))
+    if a.get("deployment_remeasured"):  # a partial re-run (only the deployment job) says so
+        s.append(f"Note: {a['deployment_remeasured']}.\n")
     s += batched_section(bench) + sweeps_section(bench) + fixed_prefix_section(bench)
     s += latency_section(bench) + theory_section(bench) + plots_section(plots, rel)
     return "\n".join(s) + "\n"
