@@ -57,7 +57,11 @@ def test_hold_is_the_median_turnaround_plus_margin_clamped() -> None:
     slow = StandbyPlanner({"1"})
     slow.plan(["1"], now=0.0)
     slow.delivered("1", now=1.0)
-    assert slow.plan(["1"], now=30.0)["1"] == MAX_HOLD_S  # a hold as long as the 3 s sleep gains nothing
+    assert slow.plan(["1"], now=30.0) == {}  # a hold as long as the 3 s sleep gains nothing: no standby
+    at_cap = StandbyPlanner({"1"})
+    at_cap.plan(["1"], now=0.0)
+    at_cap.delivered("1", now=1.0)
+    assert at_cap.plan(["1"], now=1.0 + MAX_HOLD_S - TRANSIT_MARGIN_S)["1"] == pytest.approx(MAX_HOLD_S)
     fast = StandbyPlanner({"1"})
     fast.plan(["1"], now=0.0)
     fast.delivered("1", now=1.0)

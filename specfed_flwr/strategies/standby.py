@@ -34,9 +34,11 @@ INITIAL_HOLD_S = 1.0
 #: the reply's trip from the SuperNode to the server: a SuperLink store, the server's poll and, at
 #: times, Flower's 1 s first-object pull back-off (s)
 TRANSIT_MARGIN_S = 0.5
-#: holds are kept inside [MIN_HOLD_S, MAX_HOLD_S]: a hold as long as the 3 s sleep would gain nothing
+#: holds are at least MIN_HOLD_S; a node whose hold would exceed MAX_HOLD_S gets no standby: with
+#: the SuperNode's 0.5 s reply checks on top, such a hold lasts as long as the 3 s sleep it replaces
+#: (seen in strict rounds where the other node replies much later: the turnaround includes that wait)
 MIN_HOLD_S = 0.2
-MAX_HOLD_S = 2.5
+MAX_HOLD_S = 2.0
 #: turnarounds the median looks at, per node
 WINDOW = 8
 
@@ -58,12 +60,14 @@ class StandbyPlanner:
     sent_to: dict[str, int] = field(default_factory=dict)  # node -> standbys pushed to it
     holds: list[float] = field(default_factory=list)  # the hold of each standby pushed
 
-    def hold_for(self, node: str) -> float:
-        """Seconds the device should hold a standby of ``node`` before answering it."""
+    def hold_for(self, node: str) -> float | None:
+        """Seconds the device should hold a standby of ``node`` before answering it; None when that
+        would exceed ``MAX_HOLD_S`` (no standby then)."""
         recent = self.turnarounds.get(node)
         if not recent:
             return INITIAL_HOLD_S
-        return min(MAX_HOLD_S, max(MIN_HOLD_S, statistics.median(recent) + TRANSIT_MARGIN_S))
+        hold = max(MIN_HOLD_S, statistics.median(recent) + TRANSIT_MARGIN_S)
+        return hold if hold <= MAX_HOLD_S else None
 
     def plan(self, nodes: list[str], now: float) -> dict[str, float]:
         """The draft requests about to be pushed to ``nodes`` at ``now``: records each node's
@@ -76,7 +80,9 @@ class StandbyPlanner:
             if replied is not None:
                 self.turnarounds.setdefault(node, deque(maxlen=WINDOW)).append(max(0.0, now - replied))
             if node in self.nodes and self.open_requests.get(node, 0) == 0:
-                holds[node] = self.hold_for(node)
+                hold = self.hold_for(node)
+                if hold is not None:
+                    holds[node] = hold
             self.open_requests[node] = self.open_requests.get(node, 0) + 1
         self.sent += len(holds)
         for node in holds:
