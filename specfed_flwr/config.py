@@ -78,9 +78,12 @@ class SpecFedConfig:
     """K, token ids + probabilities sent per drafted position (fixed K; with `uplink-budget` the
     per-position cap is min(`max-k`, 255) instead; greedy runs with a variable-K encoding send 1)"""
     draft_length: NonNegativeInt = 4
-    """gamma, drafted positions per round (the starting value when `adaptive`)"""
-    adaptive: bool = False
-    """choose gamma and K per device from measured alpha, round cost and bandwidth (docs/THEORY.md)"""
+    """gamma, drafted positions per round (with `adaptive`, the first round's; then chosen per device)"""
+    adaptive: bool = True
+    """choose gamma and K per device every round from its measured alpha, round cost and bandwidth
+    (Lambert-W model, docs/THEORY.md); `draft-length` and `top-k` are the starting values, `max-gamma`
+    and `max-k` the caps. The default: the benchmark measures it beside the best fixed gamma.
+    `false` = fixed `draft-length` and `top-k` every round"""
     reconstruction: Literal["uniform", "temperature", "exact"] = "exact"
     """server-side q_hat rule: `uniform` (diffusion), `temperature` (scaling), `exact` (renormalised
     top-K)"""

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .aggregation import BiasAwareWeights, DraftPath, WeightingConfig
+from .client_settings import ClientSettings
 from .cohorts import Cohorts
 from .config import SpecFedConfig
 from .faults import EventKind, Fault, FaultKind
@@ -35,7 +36,7 @@ from .sampling import SamplingSettings
 from .sparse import zeros as sparse_zeros
 from .summary import summarize, topk_bytes
 from .target import TargetVerifier
-from .theory import AdaptiveController, ControllerConfig, LinkProfile
+from .theory import AdaptiveController
 from .wire import MAX_COUNT, DraftReply, WireFormatError, check_budget, payload_bytes
 
 log = logging.getLogger("specfed_flwr")
@@ -66,9 +67,7 @@ class Coordinator(Cohorts, RoundSteps):
         self.vocab_size = target.vocab_size
         self.eos_token_ids = {int(t) for t in eos_token_ids}
         self.weights = BiasAwareWeights(WeightingConfig.from_config(config))
-        self.client_settings = dict(client_settings or {})
-        self.client_links: dict[str, LinkProfile] = {}
-        self.controllers: dict[str, AdaptiveController] = {}
+        self.settings = ClientSettings(config, self.vocab_size, client_settings)
         self.client_stats: dict[str, ClientStats] = {}
         self.round = 0
         self._next_seq_id = 1
@@ -190,6 +189,7 @@ class Coordinator(Cohorts, RoundSteps):
         )
         seq = self._waiting[-1]
         seq.key = sequence_key(seed, self.config.seed, seq.index)
+        seq.seeded = seed is not None
         return seq_id
 
     @property
@@ -253,51 +253,31 @@ class Coordinator(Cohorts, RoundSteps):
             total += n
         return self.target.prefill(chosen) if chosen else 0
 
+    # ---- (gamma, K) per client: ``client_settings.ClientSettings`` -----------------------------
+    def fixed_settings(self) -> tuple[int, int]:
+        return self.settings.fixed()
+
     def settings_for(self, client: str) -> tuple[int, int]:
         """(gamma, K) for a client this round: fixed, or the adaptive controller's choice."""
-        gamma, k = self.client_settings.get(client, (self.config.draft_length, self.config.top_k))
-        if self.config.adaptive:
-            controller = self.controller(client)
-            gamma, k = controller.gamma, min(k, controller.k)
-        return min(gamma, self.config.max_gamma), min(k, self.config.max_k, self.vocab_size)
+        return self.settings.for_client(client)
 
     def set_client_link(self, client: str, uplink_mbps: float, rtt_ms: float) -> None:
-        self.client_links[client] = LinkProfile(uplink_bps=float(uplink_mbps) * 1e6, rtt_s=float(rtt_ms) / 1000.0)
+        self.settings.set_link(client, uplink_mbps, rtt_ms)
+
+    def set_client_settings(self, client: str, gamma: int, k: int) -> None:
+        self.settings.set_fixed(client, gamma, k)
 
     def controller(self, client: str) -> AdaptiveController:
-        if client not in self.controllers:
-            cfg = self.config
-            self.controllers[client] = AdaptiveController(
-                ControllerConfig(
-                    gamma_init=min(max(cfg.draft_length, 1), cfg.max_gamma),
-                    gamma_max=cfg.max_gamma,
-                    k_init=cfg.top_k,
-                    k_max=min(cfg.max_k, self.vocab_size),
-                    vocab_size=self.vocab_size,
-                    # greedy acceptance does not depend on K: only its bytes count
-                    alpha_k_sensitivity=0.0 if cfg.greedy else 0.5,
-                ),
-                self.client_links.get(client, LinkProfile(cfg.uplink_mbps * 1e6, cfg.rtt_ms / 1000.0)),
-            )
-        return self.controllers[client]
+        return self.settings.controller(client)
 
-    def _adapt(self, report: "RoundReport", replies: dict[str, DraftReply], metrics: dict[str, dict[str, Any]],
-               agreements: dict[str, float], round_seconds: float | None) -> None:
-        """Feed each client's controller this round's measurements (SPEC theory: T = a*gamma + b)."""
+    def _adapt(self, plan: RoundPlan, report: "RoundReport", replies: dict[str, DraftReply],
+               metrics: dict[str, dict[str, Any]], agreements: dict[str, float], round_seconds: float | None) -> None:
+        """Feed each replying client's controller this round's measurements."""
         for client, reply in replies.items():
-            positions = int(reply.lengths.sum())
             draft_seconds = float(metrics.get(client, {}).get("draft_seconds", 0.0))
             wall = round_seconds if round_seconds is not None else draft_seconds + report.server_seconds
-            kept = reply.kept_mass()[reply.valid_mask()]
-            self.controller(client).update(
-                alpha=agreements.get(client),
-                round_cost=max(wall - draft_seconds, 1e-4),
-                draft_time_per_token=draft_seconds / positions if positions else None,
-                kept_mass=float(kept.mean()) if kept.size else None,
-                k=reply.k,
-                gamma=int(reply.gamma),
-                sequences=max(1, int(reply.batch_size)),
-            )
+            self.settings.observe(client, plan.requests.get(client), reply, draft_seconds=draft_seconds,
+                                  wall_seconds=wall, agreement=agreements.get(client))
 
     def uplink_for(self, k: int) -> tuple[str, float, int]:
         """(encoding, budget, slots cap per position) of a request whose K is ``k``: fixed-k sends k
@@ -312,9 +292,6 @@ class Coordinator(Cohorts, RoundSteps):
         if cfg.uplink_budget > 0 and not cfg.greedy:
             return encoding, float(cfg.uplink_budget), min(cfg.max_k, MAX_COUNT, self.vocab_size)
         return encoding, 0.0, min(k, MAX_COUNT)
-
-    def set_client_settings(self, client: str, gamma: int, k: int) -> None:
-        self.client_settings[client] = (int(gamma), int(k))
 
     def _drafts_for(self, client: str, seqs: list[_Sequence]) -> list[_Sequence]:
         if self.config.mode == "per-device":
@@ -337,15 +314,20 @@ class Coordinator(Cohorts, RoundSteps):
         allowed = set(self.roster.selectable(self.round, self._collapsed))
         seqs = [s for s in self._active.values() if cohort is None or s.cohort == cohort]
         requests: dict[str, DraftRequest] = {}
+        settings: dict[str, tuple[int, int]] = {}
         run_sampler = SamplingSettings.from_config(self.config)
         for client in clients:
             if client not in allowed:
                 continue
+            mine = self._drafts_for(client, seqs)
             gamma, k = self.settings_for(client)
+            pinned = self.fixed_settings() if self.config.adaptive else (gamma, k)
+            if any(s.seeded for s in mine):
+                k = pinned[1]  # K is per request: a seeded row's draws need the fixed K
             encoding, budget, k = self.uplink_for(k)
             entries, keys, rows = [], [], []
-            for seq in self._drafts_for(client, seqs):
-                g = max(0, min(gamma, seq.remaining - 1))
+            for seq in mine:
+                g = max(0, min(pinned[0] if seq.seeded else gamma, seq.remaining - 1))
                 known = seq.client_known.get(client, 0)
                 entries.append((seq.seq_id, known, seq.committed[known:], g))
                 own = seq.sampling or run_sampler  # the row's sampler, so devices draft from its law
@@ -354,6 +336,7 @@ class Coordinator(Cohorts, RoundSteps):
             release = sorted(self._to_release.get(client, set()))
             if not entries and not release:
                 continue
+            settings[client] = (gamma, k)
             requests[client] = DraftRequest.build(
                 entries,
                 k=k,
@@ -372,7 +355,7 @@ class Coordinator(Cohorts, RoundSteps):
                 rows=rows,
             )
         plan = RoundPlan(round=self.round, cohort=cohort, seq_ids=[s.seq_id for s in seqs], requests=requests,
-                         committed={s.seq_id: len(s.committed) for s in seqs})
+                         committed={s.seq_id: len(s.committed) for s in seqs}, settings=settings)
         self._plans[plan.round] = plan
         return plan
 
@@ -494,9 +477,10 @@ class Coordinator(Cohorts, RoundSteps):
             exchange_seconds=round_seconds,
             cohort=plan.cohort,
             pipeline_depth=self.depth,
+            settings=dict(plan.settings),
         )
         if self.config.adaptive:
-            self._adapt(report, valid, client_metrics, agreements, round_seconds)
+            self._adapt(plan, report, valid, client_metrics, agreements, round_seconds)
         self._check_weights(valid)
         self._planned = {}
         self._completing = 0

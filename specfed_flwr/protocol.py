@@ -237,6 +237,9 @@ class RoundPlan:
     seq_ids: list[int]
     requests: dict[str, DraftRequest]
     committed: dict[int, int]
+    # (gamma, K) each asked device was given: the fixed settings, or the adaptive controller's
+    # choice for this round (a row near its token budget drafts fewer than gamma)
+    settings: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def prefilling(self) -> set[int]:
         """Sequences every asked device receives whole (start 0): their drafts wait for the devices

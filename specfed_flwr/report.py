@@ -45,6 +45,12 @@ def summary_table(summary: dict[str, Any]) -> str:
                 f"{stats['uplink_bytes']}  {len(faults)}  {_fmt(loads.get(name))}  {late_resyncs}"
                 + (f" (first fault: {faults[0]})" if faults else "")
             )
+    settings = summary.get("settings") or {}
+    if settings:
+        lines.append("gamma and K asked per client (median over rounds, range; chosen per round when adaptive):")
+        for name, st in settings.items():
+            lines.append(f"  {name}: gamma {_fmt(st['gamma_median'], 'g')} ({st['gamma_min']}-{st['gamma_max']}), "
+                         f"K {_fmt(st['k_median'], 'g')}")
     excluded = summary.get("excluded") or {}
     for name, reason in excluded.items():
         lines.append(f"  {name}: refused at handshake: {reason}")

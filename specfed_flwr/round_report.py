@@ -73,6 +73,8 @@ class RoundReport:
     exchange_seconds: float | None = None  # wall time of the round's message exchange, when known
     cohort: int | None = None  # the cohort this round verified (None: every active sequence)
     pipeline_depth: int = 1  # cohorts in flight when it was verified
+    # client -> (gamma, K) it was asked for: fixed, or what the adaptive controller chose
+    settings: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def line(self) -> str:
         alpha = f"{self.alpha:.3f}" if self.alpha is not None else "  -  "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from .round_report import ClientStats, RoundReport, SequenceResult
@@ -68,4 +69,21 @@ def summarize(
             for c, s in client_stats.items() if s.fault_kinds or s.event_kinds
         },
         "weights": weights or {},
+        "settings": settings_per_client(rounds),
+    }
+
+
+def settings_per_client(rounds: list[RoundReport]) -> dict[str, dict[str, Any]]:
+    """Per client, the (gamma, K) it was asked for over the run: median, range and the last round's.
+    With ``adaptive`` these are the controller's choices; with fixed settings every round's are equal."""
+    gammas: dict[str, list[int]] = {}
+    ks: dict[str, list[int]] = {}
+    for report in rounds:
+        for client, (gamma, k) in report.settings.items():
+            gammas.setdefault(client, []).append(int(gamma))
+            ks.setdefault(client, []).append(int(k))
+    return {
+        client: {"rounds": len(g), "gamma_median": statistics.median(g), "gamma_min": min(g), "gamma_max": max(g),
+                 "gamma_last": g[-1], "k_median": statistics.median(ks[client]), "k_last": ks[client][-1]}
+        for client, g in gammas.items()
     }

@@ -116,6 +116,28 @@ def test_analysis_markdown_and_plots(tiny_run):
         assert f"{name}.png" in text
 
 
+def test_adaptive_job_records_and_section(tiny_run):
+    """The adaptive controller runs beside the gamma sweep's best gammas, the same number of times
+    each, and the report judges both bars of the uplink issue from those runs."""
+    out, md = tiny_run
+    records = [r for r in json.loads((out / "results.json").read_text()) if r["kind"] == "adaptive"]
+    labels = {r["label"] for r in records}
+    assert "adaptive" in labels and len(labels) >= 2
+    counts = {label: sum(r["label"] == label for r in records) for label in labels}
+    assert set(counts.values()) == {TINY_QUICK.adaptive_reps}
+    for r in records:
+        assert r["adaptive"] is (r["label"] == "adaptive")
+        assert r["tokens_per_s"] > 0 and r["settings"]
+        if r["label"] != "adaptive":  # fixed settings: every client asked for that gamma every round
+            assert all(st["gamma_min"] == st["gamma_max"] for st in r["settings"].values())
+    ad = json.loads((out / "analysis.json").read_text())["adaptive"]
+    assert str(ad["best_fixed_gamma"]) in labels
+    assert ad["ratio_met"] == (ad["adaptive_ratio_vs_best_fixed"] >= ad["ratio_bar"])
+    assert "gamma_star" in ad
+    text = md.read_text()
+    assert "## Adaptive gamma and K vs the best fixed gamma" in text
+
+
 @pytest.mark.flower
 def test_flower_engine_record(tmp_path):
     pair = load_bench_pair(True)

@@ -66,8 +66,9 @@ class FakeClient:
 
 
 def _coordinator(model, prompts=PROMPTS, **overrides) -> tuple[Coordinator, list[int]]:
+    # fixed gamma and K (not the adaptive default): the fake clients answer with their own K
     cfg = dict(top_k=4, draft_length=4, max_k=8, max_gamma=8, max_new_tokens=12, max_active_sequences=4,
-               temperature=0.0, reconstruction="uniform")
+               temperature=0.0, reconstruction="uniform", adaptive=False)
     cfg.update(overrides)
     coordinator = Coordinator(TargetVerifier(model), SpecFedConfig(**cfg), eos_token_ids=[])
     return coordinator, [coordinator.submit(p) for p in prompts]
@@ -266,3 +267,31 @@ def test_missed_rounds_deselect_then_the_probe_rejoins_as_typed_events(model):
     assert asked[:4] == [True, True, False, True]
     kinds = coordinator.summary(1.0)["faults"]["flaky"]
     assert kinds == {"deadline": 2, "deselected": 1, "rejoined": 1}
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_settings_asked_are_reported_per_round_and_summarised(model, adaptive):
+    """Every report names the (gamma, K) each client was asked for; fixed settings stay at draft-length
+    and top-k, while the adaptive controller lengthens the drafts of a client whose drafts are all
+    accepted. The output is the target's greedy continuation either way."""
+    coordinator, seq_ids = _coordinator(model, adaptive=adaptive, max_new_tokens=24)
+    client = FakeClient(confidence=0.9)
+    asked = []
+    while coordinator.has_work:
+        request = coordinator.plan_round(["c"])["c"]
+        client.sync(request)
+        client.k = int(request.k)  # answer with the K asked for
+        drafts = {s: greedy(model, client.seqs[s], int(g)) for s, g in
+                  zip(request.seq_ids.tolist(), request.gammas.tolist())}
+        report = coordinator.complete_round({"c": client.reply(request, drafts)})
+        gamma, k = report.settings["c"]
+        assert k == int(request.k) and gamma >= max(request.gammas.tolist())
+        asked.append(gamma)
+    if adaptive:
+        assert max(asked) > 4  # started at draft-length 4; every draft accepted -> longer drafts
+    else:
+        assert set(asked) == {4}
+    summary = coordinator.summary(1.0)["settings"]["c"]
+    assert (summary["gamma_min"], summary["gamma_max"], summary["rounds"]) == (min(asked), max(asked), len(asked))
+    for seq_id, prompt in zip(seq_ids, PROMPTS):
+        assert _generated(coordinator, seq_id, prompt) == greedy(model, prompt, 24)

@@ -64,7 +64,7 @@ def _base_config(tmp_path: Path, new_tokens: int = NEW_TOKENS) -> dict:
 def test_run_config_overrides_take_effect(stack, tmp_path):
     cfg = {**_base_config(tmp_path, 12), "draft": "tiny:0"}  # the target's twin: drafts are accepted
     overrides = {"top-k": 2, "draft-length": 3, "reconstruction": "uniform", "mode": "per-device",
-                 "max-active-sequences": 2, "uplink-encoding": "fixed-k"}
+                 "max-active-sequences": 2, "uplink-encoding": "fixed-k", "adaptive": False}
     rc = flwr_run(stack, ROOT, {**cfg, **overrides}, stream=False, timeout=300)
     assert rc == 0, stack.last_run.log_path.read_text()[-3000:]
     summary = json.loads(summary_path_for(cfg["results"]).read_text())
@@ -72,6 +72,7 @@ def test_run_config_overrides_take_effect(stack, tmp_path):
     assert (effective["top_k"], effective["draft_length"], effective["reconstruction"], effective["mode"],
             effective["max_active_sequences"]) == (2, 3, "uniform", "per-device", 2)
     assert effective["uplink_encoding"] == "fixed-k"  # greedy runs default to one compact slot
+    assert effective["adaptive"] is False  # fixed gamma and K, as asked
     # the numbers follow the overrides: K=2 -> 2 uint16 ids + 2 float16 probabilities per position
     assert summary["topk_bytes_per_position"] == 2 * (2 + 2)
     records = [json.loads(line) for line in Path(cfg["results"]).read_text().splitlines()]

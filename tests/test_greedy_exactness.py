@@ -49,10 +49,13 @@ def oracle(models, prompts):
     return outs
 
 
-def _engine(models, drafters: int, rule: str, k: int, gamma: int, encoding: str = "auto") -> InProcessEngine:
+def _engine(models, drafters: int, rule: str, k: int, gamma: int, encoding: str = "auto",
+            adaptive: bool = False) -> InProcessEngine:
+    """``k`` and ``gamma`` every round (``adaptive`` False), or as the controller's starting values."""
     target, draft_a, draft_b = models
     cfg = SpecFedConfig(top_k=k, draft_length=gamma, reconstruction=rule, max_new_tokens=NEW_TOKENS,
-                        max_active_sequences=NUM_PROMPTS, max_k=VOCAB, temperature=0.0, uplink_encoding=encoding)
+                        max_active_sequences=NUM_PROMPTS, max_k=VOCAB, temperature=0.0, uplink_encoding=encoding,
+                        adaptive=adaptive)
     draft_models = [draft_a] if drafters == 1 else [draft_a, draft_b]
     extra = {}
     if drafters == 3:
@@ -88,10 +91,19 @@ def test_greedy_output_equals_target_generate_for_every_uplink_encoding(models, 
         assert per_position < 4 * (2 + 2)
 
 
+@pytest.mark.parametrize("drafters", [1, 3])
+def test_greedy_output_equals_target_generate_with_adaptive_settings(models, prompts, oracle, drafters):
+    """The default: gamma and K chosen per client every round; the output is still the target's."""
+    result = _engine(models, drafters, "exact", 8, 3, adaptive=True).generate(prompts)
+    assert [s.token_ids for s in result.sequences] == oracle
+    assert result.metrics["settings"]["drafter-0"]["rounds"] > 0
+
+
 def test_drafts_are_actually_used(models, prompts, oracle):
     """The exactness above is not vacuous: drafts are accepted and rounds are saved."""
     engine = InProcessEngine(models[0], [models[0]], SpecFedConfig(top_k=4, draft_length=4, max_new_tokens=NEW_TOKENS,
-                                                                  max_active_sequences=NUM_PROMPTS), eos_token_ids=[])
+                                                                  max_active_sequences=NUM_PROMPTS, adaptive=False),
+                             eos_token_ids=[])
     result = engine.generate(prompts)
     assert result.token_ids == oracle
     # a draft identical to the target accepts everything: 5 tokens per round of each sequence

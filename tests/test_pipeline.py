@@ -53,7 +53,7 @@ def oracle(models, prompts):
 
 def _config(depth: str, **extra) -> SpecFedConfig:
     base = dict(top_k=8, draft_length=4, max_new_tokens=NEW_TOKENS, max_active_sequences=6, max_k=VOCAB,
-                pipeline_depth=depth, draft_ahead=True)
+                pipeline_depth=depth, draft_ahead=True, adaptive=False)
     base.update(extra)
     return SpecFedConfig(**base)
 

@@ -186,13 +186,14 @@ def models():
     return tiny_llama(seed=0, vocab_size=VOCAB), [tiny_llama(seed=1, vocab_size=VOCAB)]
 
 
-def _run(models, items, depth="1", run_seed=0, max_active=16):
+def _run(models, items, depth="1", run_seed=0, max_active=16, adaptive=True):
     """``items``: (prompt ids, options) -> the generated tokens per item, through a Coordinator and
     the pipelined loop with devices on worker threads (what ``InProcessEngine.generate`` does,
-    with the per-prompt seed passed to ``submit``)."""
+    with the per-prompt seed passed to ``submit``). ``adaptive`` (the default): the other rows'
+    gamma and K follow measured timings, a seeded row keeps draft-length and top-k."""
     target, drafts = models
     config = SpecFedConfig(top_k=4, draft_length=3, max_new_tokens=NEW, max_k=VOCAB, temperature=1.0, seed=run_seed,
-                           pipeline_depth=depth, max_active_sequences=max_active, draft_ahead=True)
+                           pipeline_depth=depth, max_active_sequences=max_active, draft_ahead=True, adaptive=adaptive)
     engine = InProcessEngine(target, drafts, config, eos_token_ids=[])
     coordinator = Coordinator(engine.target, config, eos_token_ids=[])
     for i, (prompt, options) in enumerate(items):
@@ -231,20 +232,24 @@ def test_own_temperature_and_top_p_with_a_seed_reproduce(models):
 
 
 def test_without_a_seed_the_run_seed_and_index_decide(models):
-    a = _run(models, [(P, {}), (P, {})], depth="1")
+    """Rows without their own seed reproduce at fixed settings (with ``adaptive`` their gamma follows
+    measured timings, so only their law is fixed)."""
+    a = _run(models, [(P, {}), (P, {})], depth="1", adaptive=False)
     assert a[0] != a[1]  # two sequences, two keys
-    assert _run(models, [(P, {}), (P, {})], depth="3") == a  # still independent of the depth
-    assert _run(models, [(P, {}), (P, {})], depth="1", run_seed=1) != a
+    assert _run(models, [(P, {}), (P, {})], depth="3", adaptive=False) == a  # still independent of the depth
+    assert _run(models, [(P, {}), (P, {})], depth="1", run_seed=1, adaptive=False) != a
 
 
 def test_several_drafters_reproduce_the_same_run(models):
     """With two drafters a seeded prompt is reproduced by the same prompt file at the same fixed
-    depth (weights and roster evolve identically), and another seed still changes it."""
+    depth and fixed settings (weights and roster evolve identically: with ``adaptive`` the other
+    rows' drafts, which shape the weights, follow measured timings), and another seed still
+    changes it."""
     two = (models[0], models[1] + [tiny_llama(seed=2, vocab_size=VOCAB)])
     items = OTHERS[:2] + [(P, {"seed": 1234})] + OTHERS[2:]
-    first = _run(two, items, depth="2")
-    assert _run(two, items, depth="2") == first
-    assert _run(two, items[:2] + [(P, {"seed": 4321})] + items[3:], depth="2")[2] != first[2]
+    first = _run(two, items, depth="2", adaptive=False)
+    assert _run(two, items, depth="2", adaptive=False) == first
+    assert _run(two, items[:2] + [(P, {"seed": 4321})] + items[3:], depth="2", adaptive=False)[2] != first[2]
 
 
 def test_a_bad_seed_is_refused_at_submit(models):

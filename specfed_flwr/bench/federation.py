@@ -122,6 +122,8 @@ def speculative(target: torch.nn.Module, prompts: list[list[int]], cfg: SpecFedC
 
 
 def engine_config(vocab: int, concurrency: int, max_new_tokens: int, **extra: Any) -> SpecFedConfig:
+    """What a user runs at ``concurrency`` (greedy; the defaults: pipelined, drafting ahead, adaptive
+    gamma and K starting from 4 and 8); ``extra`` overrides."""
     base = dict(target="bench", draft="bench", top_k=8, draft_length=4, max_new_tokens=max_new_tokens,
                 max_active_sequences=concurrency, chat_template=False, temperature=0.0)
     base.update(extra)
@@ -218,7 +220,7 @@ def draft_choice(pair, prompts: list[list[int]], *, reps: int = 2, max_new_token
 
     drafts = {q: load_draft_spec(pair.draft_spec, q).model.eval() for q in quantizations}
     work = workload(prompts, 1)
-    cfg = engine_config(pair.vocab_size, 1, max_new_tokens, pipeline_depth="1", draft_ahead=False)
+    cfg = engine_config(pair.vocab_size, 1, max_new_tokens, pipeline_depth="1", draft_ahead=False, adaptive=False)
     records = []
     for rep in range(reps):
         base = target_only(pair.target, work, concurrency=1, max_new_tokens=max_new_tokens, eos=pair.eos)

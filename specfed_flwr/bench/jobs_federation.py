@@ -61,7 +61,7 @@ def _add(bench: "Bench", records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def make_run_comparison(bench: "Bench") -> dict[str, Any]:
     """``make run``'s settings (the 12 shipped prompts, 2 SuperNodes, 48 new tokens, pipelined,
-    drafting ahead) through the Flower simulation beside target-only batched at 12."""
+    drafting ahead, adaptive gamma and K) through the Flower simulation beside target-only batched at 12."""
     from ..config import SpecFedConfig
 
     cfg = SpecFedConfig()
@@ -72,7 +72,7 @@ def make_run_comparison(bench: "Bench") -> dict[str, Any]:
     try:
         m = run_flower(bench.pair, prompts, clients=2, concurrency=min(conc, cfg.max_active_sequences),
                        max_new_tokens=cfg.max_new_tokens, references=base["outputs"], device=bench.args.device,
-                       pipelined=True)
+                       pipelined=True, adaptive=cfg.adaptive)
     except Exception as exc:  # report, do not lose the rest of the run
         log.exception("Flower simulation (make run settings) failed")
         return {"error": f"{type(exc).__name__}: {exc}"}

@@ -44,6 +44,7 @@ class Preset:
     law_cover: float = 1 - 1e-4  # draft mass the paper-faithful law enumerates (the rest bounds its error)
     law_max_candidates: int = 4096
     deployment_max_new_tokens: int = 16  # a deployment round costs seconds (see docs/DEPLOYMENT_NOTES.md)
+    adaptive_reps: int = 3  # repetitions of adaptive vs the best fixed gammas (``jobs_adaptive``)
 
 
 # Sizes (prompts, tokens, repetitions, prefixes) are trimmed so that the full preset runs in about half an
@@ -52,11 +53,12 @@ class Preset:
 FULL = Preset("full", 1, 32, (1, 2, 4, 8, 16, 32, 64, "V"), ("uniform", "temperature", "exact"), ("sparse", "full"),
               tuple(range(1, 11)), (1, 2, 3, 4), (1, 4, 16), 3, (16,), False, 6, 1000, False, 1 - 1e-3, 1024, 16)
 QUICK = Preset("quick", 1, 6, (1, 8, 64, "V"), ("uniform", "temperature", "exact"), ("sparse", "full"),
-               (1, 2, 4, 8), (1, 2), (1, 4, 16), 1, (16,), False, 3, 500, False, 1 - 1e-3, 512, 4)
+               (1, 2, 4, 8), (1, 2), (1, 4, 16), 1, (16,), False, 3, 500, False, 1 - 1e-3, 512, 4, 2)
 # --tiny: random tiny Llamas (vocab 1024), token-id prompts; for the unit test of this command
-TINY_FULL = replace(FULL, name="tiny", max_new_tokens=16, tv_prefixes=6, mc_samples=2000, engine_reps=2)
+TINY_FULL = replace(FULL, name="tiny", max_new_tokens=16, tv_prefixes=6, mc_samples=2000, engine_reps=2, adaptive_reps=2)
 TINY_QUICK = replace(QUICK, name="tiny-quick", max_new_tokens=8, ks=(1, 8, "V"), gammas=(1, 2, 4), concurrency=(1, 4),
-                     tv_prefixes=3, mc_samples=2000, flower_concurrency=(4,), deployment_max_new_tokens=6)
+                     tv_prefixes=3, mc_samples=2000, flower_concurrency=(4,), deployment_max_new_tokens=6,
+                     adaptive_reps=1)
 
 
 def preset_for(tiny: bool, quick: bool) -> Preset:

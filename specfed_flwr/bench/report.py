@@ -12,7 +12,8 @@ from .presets import BASE
 from .report_engines import batched_section, deployment_runtimes_section, engines_section, flower_overhead_section
 from .report_federation import federation_section
 from .report_format import client_draft_s, fmt, status, table
-from .report_measurements import fixed_prefix_section, latency_section, sweeps_section, theory_section
+from .report_measurements import (adaptive_section, fixed_prefix_section, latency_section, sweeps_section,
+                                  theory_section)
 
 if TYPE_CHECKING:
     from .suite import Bench
@@ -31,7 +32,7 @@ def markdown(bench: "Bench", plots: dict[str, Path], md_path: Path) -> str:
     if a.get("deployment_remeasured"):  # a partial re-run (only the deployment job) says so
         s.append(f"Note: {a['deployment_remeasured']}.\n")
     s += batched_section(bench) + sweeps_section(bench) + fixed_prefix_section(bench)
-    s += latency_section(bench) + theory_section(bench) + plots_section(plots, rel)
+    s += latency_section(bench) + theory_section(bench) + adaptive_section(bench) + plots_section(plots, rel)
     return "\n".join(s) + "\n"
 
 

@@ -1,10 +1,13 @@
 """The measurement sections of the report: the sweeps, the fixed prefixes (alpha, output law,
-Monte Carlo check), the modeled latency and the theory beside the measurement."""
+Monte Carlo check), the modeled latency, the theory beside the measurement and the adaptive
+controller beside the best fixed gamma."""
 
 from __future__ import annotations
 
+import statistics
 from typing import TYPE_CHECKING, Any
 
+from .presets import BASE
 from .report_format import fmt, fmt_tv, table, status
 
 if TYPE_CHECKING:
@@ -195,3 +198,41 @@ def _sweep_table(bench, axis: str, title: str) -> str:
                        "tau", "tau (full rounds)", "acc. rate", "per-position acceptance", "B/position", "B/accepted", "x fp32", "x fp16",
                        "TV to target", "tok/s", "round ms (draft/verify)", ""], body))
     return "\n".join(out) + "\n"
+
+
+def adaptive_section(bench: "Bench") -> list[str]:
+    """The adaptive controller (the default) beside the best fixed gammas, and the uplink issue's two
+    bars on it (``jobs_adaptive``)."""
+    ad = bench.analysis.get("adaptive")
+    if not ad:
+        return []
+    s = ["## Adaptive gamma and K vs the best fixed gamma\n"]
+    if "best_fixed_gamma" not in ad:
+        return s + [f"Not measured: {ad.get('skipped', 'no runs')}.\n"]
+    rows = [r for r in bench.records if r["kind"] == "adaptive"]
+    body = []
+    for label, tps in sorted(ad["tokens_per_s_median"].items(), key=lambda kv: (kv[0] != "adaptive", kv[0])):
+        rs = [r for r in rows if r["label"] == label]
+        gammas = [r["gamma_chosen_median"] for r in rs if r.get("gamma_chosen_median") is not None]
+        body.append([label if label == "adaptive" else f"gamma = {label}", len(rs), fmt(tps, ".2f"),
+                     " ".join(fmt(r["tokens_per_s"], ".2f") for r in sorted(rs, key=lambda r: r["rep"])),
+                     fmt(statistics.median(gammas), "g") if gammas else "-",
+                     fmt(statistics.median(r["alpha"] for r in rs if r["alpha"] is not None), ".3f"),
+                     fmt(statistics.median(r["tau"] for r in rs if r["tau"] is not None), ".2f")])
+    s.append(table(["settings", "reps", "tok/s (median)", "tok/s per repetition", "gamma asked (median)",
+                    "alpha", "tau"], body))
+    ratio, bar = ad["adaptive_ratio_vs_best_fixed"], ad["ratio_bar"]
+    s.append(f"\nThe sweep's settings (in-process, strict rounds, temperature 1, K={BASE['k']}, "
+             f"{BASE['clients']} clients, one sequence); the fixed gammas are the gamma sweep's best and its "
+             f"neighbours, rerun in {ad['reps']} interleaved repetitions (the curve is flat there). "
+             f"Adaptive starts at gamma={BASE['gamma']}, K={BASE['k']} and chooses per client every round.\n")
+    lines = [f"- adaptive tokens/s >= {bar}x the best fixed gamma (gamma={ad['best_fixed_gamma']}, "
+             f"{ad['best_fixed_tokens_per_s']:.2f} tok/s), same run: "
+             f"{fmt(ratio, '.2f')}x (median of the per-repetition ratios "
+             f"{', '.join(fmt(x, '.2f') for x in ad['adaptive_ratio_per_rep'])}): {status(ad['ratio_met'])}"]
+    if "gamma_star" in ad:
+        lines.append(f"- theory gamma* within 1 of the measured best gamma: gamma* = {ad['gamma_star']:.2f} "
+                     f"({ad['gamma_star_basis']}) vs {ad['best_fixed_gamma']} (best median tokens/s of the "
+                     f"repetitions): |diff| {ad['gamma_star_diff']:.2f}: {status(ad['gamma_star_met'])}")
+    s.append("\n".join(lines) + "\n")
+    return s

@@ -29,7 +29,7 @@ def _run_config(pair: "ModelPair", *, clients: int, concurrency: int, max_new_to
         "chat-template": False, "resume": False,
         "max-new-tokens": max_new_tokens, "max-active-sequences": concurrency, "top-k": BASE["k"],
         "draft-length": BASE["gamma"], "reconstruction": BASE["reconstruction"], "temperature": 0.0,
-        "min-nodes": clients, **extra,
+        "min-nodes": clients, "adaptive": False, **extra,
     }
     if not pipelined:
         cfg.update({"pipeline-depth": "1", "draft-ahead": False})
@@ -37,9 +37,11 @@ def _run_config(pair: "ModelPair", *, clients: int, concurrency: int, max_new_to
 
 
 def run_flower(pair: "ModelPair", prompts: list[list[int]], *, clients: int, concurrency: int, max_new_tokens: int,
-               mode: str = "collaborative", references=None, device: str = "auto", pipelined: bool = True) -> dict[str, Any]:
+               mode: str = "collaborative", references=None, device: str = "auto", pipelined: bool = True,
+               adaptive: bool = False) -> dict[str, Any]:
     """The Flower simulation engine (``run_simulation``); ``pipelined``: the run config's defaults
-    (cohorts in flight, drafting ahead), else strict rounds."""
+    (cohorts in flight, drafting ahead), else strict rounds; ``adaptive``: gamma and K chosen per
+    round (else the base configuration's, every round)."""
     from flwr.simulation import run_simulation
 
     from ..client_app import app as client_app
@@ -49,7 +51,7 @@ def run_flower(pair: "ModelPair", prompts: list[list[int]], *, clients: int, con
     with tempfile.TemporaryDirectory(prefix="specfed-bench-") as tmp:
         overrides = _run_config(pair, clients=clients, concurrency=concurrency, max_new_tokens=max_new_tokens,
                                 device=device, pipelined=pipelined, results=str(Path(tmp) / "results.jsonl"),
-                                mode=mode, **{"round-timeout": 300.0})
+                                mode=mode, adaptive=adaptive, **{"round-timeout": 300.0})
         captured: dict[str, Any] = {}
         server_app = make_server_app(overrides, prompts=prompts, on_result=lambda r: captured.update(result=r),
                                      on_round=log)
@@ -63,7 +65,7 @@ def run_flower(pair: "ModelPair", prompts: list[list[int]], *, clients: int, con
     result = captured["result"]
     cfg = make_config(pair.vocab_size, k=BASE["k"], gamma=BASE["gamma"], reconstruction=BASE["reconstruction"],
                       draft_sampling="sparse", concurrency=concurrency, temperature=0.0, max_new_tokens=max_new_tokens,
-                      mode=mode)
+                      mode=mode, adaptive=adaptive)
     outputs = [s.token_ids for s in result.sequences]
     # clients draft in parallel only if the simulation has an actor for each of them
     actors = int(FLOWER_BACKEND["init_args"]["num_cpus"] // FLOWER_BACKEND["client_resources"]["num_cpus"])

@@ -17,13 +17,14 @@ if TYPE_CHECKING:
 
 def make_config(vocab: int, *, k: int, gamma: int, reconstruction: str, draft_sampling: str, concurrency: int,
                 temperature: float, max_new_tokens: int, mode: str = "collaborative", seed: int = 0,
-                pipeline_depth: str = "1", draft_ahead: bool = False) -> "SpecFedConfig":
-    """The sweeps measure the protocol's parameters in strict rounds without drafting ahead (the
-    round-cost model T = a*gamma + b); the engine comparison (``federation``) measures the pipeline."""
+                pipeline_depth: str = "1", draft_ahead: bool = False, adaptive: bool = False) -> "SpecFedConfig":
+    """The sweeps measure the protocol's parameters in strict rounds without drafting ahead, at the
+    gamma and K they name (the round-cost model T = a*gamma + b; ``adaptive`` off unless asked); the
+    engine comparison (``federation``) measures the pipeline with the user's defaults."""
     from ..config import SpecFedConfig
 
     return SpecFedConfig(
-        pipeline_depth=pipeline_depth, draft_ahead=draft_ahead,
+        pipeline_depth=pipeline_depth, draft_ahead=draft_ahead, adaptive=adaptive,
         target="bench", draft="bench", top_k=k, max_k=max(64, k), draft_length=gamma, max_gamma=max(16, gamma),
         reconstruction=reconstruction, draft_sampling=draft_sampling, temperature=temperature,
         max_new_tokens=max_new_tokens, max_active_sequences=concurrency, chat_template=False, seed=seed,
@@ -137,5 +138,8 @@ def run_metrics(summary: dict[str, Any], log: RoundLog, cfg: "SpecFedConfig", cl
         "wall_incl_setup_s": summary.get("wall_seconds"),
         "batched_verify": batched,
         "exact_match": exact_match(outputs, references),
+        "adaptive": cfg.adaptive,
+        # per client: the (gamma, K) asked over the run (median, range): the controller's choices
+        "settings": summary.get("settings"),
         **timing,
     }

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import jobs_engines, jobs_federation, jobs_prefixes, jobs_sweeps, jobs_theory, output, verdicts
+from . import jobs_adaptive, jobs_engines, jobs_federation, jobs_prefixes, jobs_sweeps, jobs_theory, output, verdicts
 from .machine import loadavg, machine_info
 from .presets import REQUIRED_KEYS, preset_for
 from .workload import load_bench_pair, make_workload
@@ -93,7 +93,7 @@ class Bench:
         pr, args = self.preset, self.args
         flower = 0 if args.no_flower else (len(pr.flower_concurrency) + int(pr.flower_per_device)
                                            + len(jobs_engines.DEPLOYMENT_RUNS) * int(not args.no_deployment))
-        return 2 + pr.engine_reps * 4 + 3 + sweeps + 3 + 1 + flower
+        return 2 + pr.engine_reps * 4 + 3 + sweeps + 3 + 1 + 1 + flower
 
     def run(self) -> int:
         from tqdm.auto import tqdm
@@ -117,6 +117,7 @@ class Bench:
                 self.analysis["flower"] = "skipped (--no-flower)"
             jobs_engines.deployment(self)
             jobs_theory.model_and_theory(self)
+            jobs_adaptive.adaptive_vs_fixed(self)
             if not self.args.no_federation:
                 jobs_federation.federation(self)
         finally:
