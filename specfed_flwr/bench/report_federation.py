@@ -40,7 +40,8 @@ def federation_section(fed: dict[str, Any], deployment: Any = None) -> str:
              "with one torch thread, the device process pinned to the other CPU(s) "
              "(`inprocess.ProcessTransport`), and its target-only baseline pinned to the server's CPU with one "
              "thread. Server CPU s/token is this process's CPU time (`getrusage`), i.e. the server alone in the "
-             "split layout. Rounds are pipelined (`pipeline-depth=auto`) and devices draft ahead.\n")
+             "split layout. Rounds are pipelined (`pipeline-depth=auto`), devices draft ahead, and gamma and K "
+             "are chosen per round (`adaptive`, starting from gamma=4, K=8): the user's defaults.\n")
     targets = list(fed.get("targets") or []) + _deployment_targets(fed, deployment)
     if targets:
         s.append("### Targets (this run)\n")
