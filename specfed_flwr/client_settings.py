@@ -29,6 +29,7 @@ class ClientSettings:
         self.per_client: dict[str, tuple[int, int]] = dict(per_client or {})
         self.links: dict[str, LinkProfile] = {}
         self.controllers: dict[str, AdaptiveController] = {}
+        self._decoded: set[str] = set()  # clients with a timing from a decoding round (not a prefill one)
 
     def fixed(self) -> tuple[int, int]:
         """(gamma, K) without the controller: ``draft-length`` and ``top-k`` within the caps.
@@ -77,17 +78,23 @@ class ClientSettings:
 
         ``wall_seconds``: the round as the transport saw it (with cohorts in flight, that cohort's own
         exchange). A round in which the client received a whole sequence (start 0) also prefilled
-        that prompt on the device and on the target: its times say little about a decoding round
-        (they made the controller choose gamma 1 after the first round), so only its alpha and kept
-        mass count."""
+        that prompt on the device and on the target, which inflates both times. Such a round's times
+        are used only while nothing better is known (a provisional estimate that errs towards short
+        drafts, where the priors, made for fast devices, err towards long ones: a gamma-8 round on
+        a CPU device); the first decoding round's times replace them, and later prefill rounds
+        give no timing."""
         positions = int(reply.lengths.sum())
         kept = reply.kept_mass()[reply.valid_mask()]
+        controller = self.controller(client)
         prefilled = request is not None and bool((request.starts == 0).any())
-        timing = {} if prefilled else {
+        if not prefilled and client not in self._decoded:
+            controller.forget_timing()
+            self._decoded.add(client)
+        timing = {} if prefilled and client in self._decoded else {
             "round_cost": max(wall_seconds - draft_seconds, 1e-4),
             "draft_time_per_token": draft_seconds / positions if positions else None,
         }
-        self.controller(client).update(
+        controller.update(
             alpha=agreement,
             **timing,
             kept_mass=float(kept.mean()) if kept.size else None,

@@ -460,6 +460,12 @@ class AdaptiveController:
         return float(expected_tokens_per_step(self.modelled_alpha(k), gamma)) / (a * gamma + b)
 
     # -- feedback --------------------------------------------------------------------------
+    def forget_timing(self) -> None:
+        """Drop the round-cost and draft-time estimates: the next measurement replaces them instead
+        of being blended in (for a provisional estimate made from an atypical round)."""
+        self._round_cost = None
+        self._draft_time = None
+
     def observe(
         self,
         *,
