@@ -114,11 +114,16 @@ def speculative(target: torch.nn.Module, prompts: list[list[int]], cfg: SpecFedC
     result, wall, cpu = _measured(lambda: engine.generate(prompts))
     tokens = result.metrics["tokens"]
     depths = [r.pipeline_depth for r in result.rounds]
+    seq_rounds = sum(r.active_sequences for r in result.rounds)
+    gammas = [s["gamma_median"] for s in (result.metrics.get("settings") or {}).values()]
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "cpu_s_per_token": cpu / tokens,
             "outputs": result.token_ids, "alpha": result.metrics["alpha"], "tau": result.metrics["tau"],
             "rounds": len(result.rounds), "proactive_hits": result.metrics["proactive_hits"],
             "proactive_misses": result.metrics["proactive_misses"],
-            "pipeline_depth_median": statistics.median(depths) if depths else None}
+            "pipeline_depth_median": statistics.median(depths) if depths else None,
+            # what the (adaptive) rounds drafted: positions per sequence and round, and the gamma asked
+            "drafted_per_sequence_round": result.metrics["drafted_positions"] / seq_rounds if seq_rounds else None,
+            "gamma_asked_median": statistics.median(gammas) if gammas else None}
 
 
 def engine_config(vocab: int, concurrency: int, max_new_tokens: int, **extra: Any) -> SpecFedConfig:
@@ -180,7 +185,7 @@ def compare_engines(pair, prompts: list[list[int]], *, concurrencies: Sequence[i
                            "exact_match": _exact(m["outputs"], reference) if m is not baseline else 1.0,
                            "max_new_tokens": max_new_tokens, "prompts": len(work)}
                     for key in ("alpha", "tau", "rounds", "proactive_hits", "proactive_misses", "pipeline_depth_median",
-                                "cpu_s_per_token"):
+                                "cpu_s_per_token", "drafted_per_sequence_round", "gamma_asked_median"):
                         if key in m:
                             rec[key] = m[key]
                     rec.update(extra)
@@ -265,5 +270,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "exact_match": med("exact_match"), "proactive_hits": med("proactive_hits"),
             "proactive_misses": med("proactive_misses"), "alpha": med("alpha"), "tau": med("tau"),
             "pipeline_depth_median": med("pipeline_depth_median"),
+            "drafted_per_sequence_round": med("drafted_per_sequence_round"),
+            "gamma_asked_median": med("gamma_asked_median"),
         }
     return out

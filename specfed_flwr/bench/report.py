@@ -26,6 +26,8 @@ def markdown(bench: "Bench", plots: dict[str, Path], md_path: Path) -> str:
     s = header_section(bench, rel)
     if a.get("federation"):
         s.append(federation_section(a["federation"], a.get("deployment_runtimes")))
+        if a.get("federation_remeasured"):  # a partial re-run (only the federation job) says so
+            s.append(f"Note: {a['federation_remeasured']}.\n")
     s += targets_section(bench) + method_section(bench) + glossary_section()
     s += engines_section(bench) + flower_overhead_section(bench)
     s.append(deployment_runtimes_section(a.get("deployment_runtimes")))

@@ -111,13 +111,17 @@ def _federation_why(fed: dict[str, Any]) -> str:
         draft, verify = steps.get(("draft", conc)), steps.get(("verify", conc))
         if not (split and base and draft and verify and split.get("tau")):
             continue
-        gamma = draft.get("gamma", 4)
+        # the positions the run really drafted per sequence and round (adaptive gamma), else the step's
+        gamma = split.get("drafted_per_sequence_round") or draft.get("gamma", 4)
         tau = split["tau"]
         device_s = gamma * draft["step_ms"] / 1000.0  # one round of drafting for `conc` sequences
-        server_s = verify["step_ms"] / 1000.0
+        server_s = verify["step_ms"] / 1000.0  # measured at the step's gamma (4): a longer path costs a little more
         ceiling = tau * conc / max(device_s, server_s)
+        asked = split.get("gamma_asked_median")
         lines.append(
-            f"- concurrency {conc}: a round drafts {gamma} positions per sequence ({gamma} x {draft['step_ms']:.0f} ms "
+            f"- concurrency {conc}: a round drafts {gamma:.1f} positions per sequence"
+            + (f" (adaptive, median gamma asked {asked:g})" if asked is not None else "")
+            + f" ({gamma:.1f} x {draft['step_ms']:.0f} ms "
             f"= {device_s:.2f} s on the device CPU) and verifies them once ({server_s:.2f} s on the server CPU) for "
             f"tau = {tau:.2f} tokens per sequence, so even a perfect pipeline makes at most {ceiling:.1f} tok/s "
             f"({'device' if device_s >= server_s else 'server'}-bound), against {base['tokens_per_s']:.1f} tok/s "
