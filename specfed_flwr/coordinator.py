@@ -254,9 +254,6 @@ class Coordinator(Cohorts, RoundSteps):
         return self.target.prefill(chosen) if chosen else 0
 
     # ---- (gamma, K) per client: ``client_settings.ClientSettings`` -----------------------------
-    def fixed_settings(self) -> tuple[int, int]:
-        return self.settings.fixed()
-
     def settings_for(self, client: str) -> tuple[int, int]:
         """(gamma, K) for a client this round: fixed, or the adaptive controller's choice."""
         return self.settings.for_client(client)
@@ -321,7 +318,7 @@ class Coordinator(Cohorts, RoundSteps):
                 continue
             mine = self._drafts_for(client, seqs)
             gamma, k = self.settings_for(client)
-            pinned = self.fixed_settings() if self.config.adaptive else (gamma, k)
+            pinned = self.settings.fixed() if self.config.adaptive else (gamma, k)
             if any(s.seeded for s in mine):
                 k = pinned[1]  # K is per request: a seeded row's draws need the fixed K
             encoding, budget, k = self.uplink_for(k)

@@ -43,7 +43,7 @@ class _Sequence:
     stop: tuple[str, ...] = ()  # stop strings of this sequence (run's ``stop`` or its prompt's own)
     sampling: SamplingSettings | None = None  # this prompt's own temperature / top-p (None: the run's)
     key: int = 0  # randomness key (``randomness.sequence_key``): every draw of this sequence is keyed by it
-    seeded: bool = False  # the prompt has its own seed: drafts with the fixed settings (``Coordinator.fixed_settings``)
+    seeded: bool = False  # the prompt has its own seed: drafts with the fixed settings (``ClientSettings.fixed``)
 
     @property
     def committed(self) -> list[int]:

@@ -87,3 +87,9 @@ def settings_per_client(rounds: list[RoundReport]) -> dict[str, dict[str, Any]]:
                  "gamma_last": g[-1], "k_median": statistics.median(ks[client]), "k_last": ks[client][-1]}
         for client, g in gammas.items()
     }
+
+
+def median_gamma_asked(settings: dict[str, dict[str, Any]] | None) -> float | None:
+    """One gamma for a run: the median over clients of each one's median gamma (``settings_per_client``)."""
+    values = [s["gamma_median"] for s in (settings or {}).values()]
+    return float(statistics.median(values)) if values else None

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from specfed_flwr.bench.jobs_adaptive import ADAPTIVE, candidate_gammas, chosen_gamma, judge, rotated
+from specfed_flwr.bench.jobs_adaptive import ADAPTIVE, candidate_gammas, judge, rotated
+from specfed_flwr.summary import median_gamma_asked
 
 
 def _rows(tps_by_gamma: dict[int, float]) -> list[dict]:
@@ -35,10 +36,10 @@ def test_rotation_puts_every_label_first_once() -> None:
     assert rotated([], 3) == []
 
 
-def test_chosen_gamma_is_the_median_over_clients() -> None:
+def test_median_gamma_asked_is_the_median_over_clients() -> None:
     settings = {"a": {"gamma_median": 1}, "b": {"gamma_median": 3}, "c": {"gamma_median": 2}}
-    assert chosen_gamma(settings) == 2.0
-    assert chosen_gamma(None) is None and chosen_gamma({}) is None
+    assert median_gamma_asked(settings) == 2.0
+    assert median_gamma_asked(None) is None and median_gamma_asked({}) is None
 
 
 def test_adaptive_matching_the_best_fixed_gamma_is_met() -> None:

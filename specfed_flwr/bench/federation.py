@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..config import SpecFedConfig
+from ..summary import median_gamma_asked
 
 
 def cpu_seconds() -> float:
@@ -115,7 +116,6 @@ def speculative(target: torch.nn.Module, prompts: list[list[int]], cfg: SpecFedC
     tokens = result.metrics["tokens"]
     depths = [r.pipeline_depth for r in result.rounds]
     seq_rounds = sum(r.active_sequences for r in result.rounds)
-    gammas = [s["gamma_median"] for s in (result.metrics.get("settings") or {}).values()]
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "cpu_s_per_token": cpu / tokens,
             "outputs": result.token_ids, "alpha": result.metrics["alpha"], "tau": result.metrics["tau"],
             "rounds": len(result.rounds), "proactive_hits": result.metrics["proactive_hits"],
@@ -123,7 +123,7 @@ def speculative(target: torch.nn.Module, prompts: list[list[int]], cfg: SpecFedC
             "pipeline_depth_median": statistics.median(depths) if depths else None,
             # what the (adaptive) rounds drafted: positions per sequence and round, and the gamma asked
             "drafted_per_sequence_round": result.metrics["drafted_positions"] / seq_rounds if seq_rounds else None,
-            "gamma_asked_median": statistics.median(gammas) if gammas else None}
+            "gamma_asked_median": median_gamma_asked(result.metrics.get("settings"))}
 
 
 def engine_config(vocab: int, concurrency: int, max_new_tokens: int, **extra: Any) -> SpecFedConfig:

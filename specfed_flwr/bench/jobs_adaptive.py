@@ -21,6 +21,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING, Any
 
+from ..summary import median_gamma_asked
 from .presets import BASE
 from .run_local import make_config, run_inprocess
 from .workload import cycled
@@ -71,19 +72,13 @@ def adaptive_vs_fixed(bench: "Bench") -> None:
                               concurrency=BASE["concurrency"], temperature=1.0, max_new_tokens=pr.max_new_tokens,
                               adaptive=label == ADAPTIVE)
             m = run_inprocess(pair, prompts, cfg, BASE["clients"])
-            chosen = chosen_gamma(m.get("settings"))
+            chosen = median_gamma_asked(m.get("settings"))
             if label == ADAPTIVE:  # gamma-indexed numbers of a run whose gamma changed mean nothing
                 m.update(gamma=chosen, per_position_acceptance=None, per_position_reach=None, tau_full_rounds=None)
             records.append(bench.record("adaptive", "in-process", m, label=str(label), rep=rep,
                                         gamma_chosen_median=chosen))
     bench.analysis["adaptive"] = judge(records, bench.theory)
     bench.advance()
-
-
-def chosen_gamma(settings: dict[str, dict[str, Any]] | None) -> float | None:
-    """The median over clients of each client's median gamma over the run."""
-    values = [s["gamma_median"] for s in (settings or {}).values()]
-    return float(statistics.median(values)) if values else None
 
 
 def judge(records: list[dict[str, Any]], theory: dict[str, Any] | None) -> dict[str, Any]:

@@ -211,7 +211,10 @@ def adaptive_section(bench: "Bench") -> list[str]:
         return s + [f"Not measured: {ad.get('skipped', 'no runs')}.\n"]
     rows = [r for r in bench.records if r["kind"] == "adaptive"]
     body = []
-    for label, tps in sorted(ad["tokens_per_s_median"].items(), key=lambda kv: (kv[0] != "adaptive", kv[0])):
+    def order(item: tuple[str, float]) -> tuple[bool, int]:  # adaptive first, then gamma as a number
+        return item[0] != "adaptive", 0 if item[0] == "adaptive" else int(item[0])
+
+    for label, tps in sorted(ad["tokens_per_s_median"].items(), key=order):
         rs = [r for r in rows if r["label"] == label]
         gammas = [r["gamma_chosen_median"] for r in rs if r.get("gamma_chosen_median") is not None]
         body.append([label if label == "adaptive" else f"gamma = {label}", len(rs), fmt(tps, ".2f"),
