@@ -70,6 +70,13 @@ class SpecFedConfig:
     """`""`: the whole target on `device`; otherwise passed to `from_pretrained(device_map=...)`:
     `auto` (accelerate splits the target over the GPUs, then CPU), `balanced`, `balanced_low_0`,
     `sequential`, `cpu`, `cuda[:N]`. Needs `accelerate` installed"""
+    verify_numerics: Literal["auto", "batched", "stepwise"] = "auto"
+    """how the target's verification forward computes attention: `batched` (all gamma + 1 positions
+    of a row in one masked attention call: fastest), `stepwise` (each position its own call over
+    exactly the keys it sees, as the target's own `generate` computes it one token at a time: logits
+    bit-for-bit those of `generate`, so reduced-precision near-ties resolve the same way; costs one
+    small attention call per position and layer). `auto` = `stepwise` for a `bfloat16`/`float16`
+    target, `batched` for `float32`. Wraps `sdpa` and `eager` attention"""
     # protocol
     mode: Literal["collaborative", "per-device"] = "collaborative"
     """`collaborative` (SpecFed: every device drafts every sequence, the server aggregates) or

@@ -317,7 +317,8 @@ class InProcessEngine:
 
         self.config = config or SpecFedConfig()
         self.tokenizer = tokenizer
-        self.target = TargetVerifier(target_model, vocab_size=vocab_size or token_vocab_size(target_model, tokenizer))
+        self.target = TargetVerifier(target_model, vocab_size=vocab_size or token_vocab_size(target_model, tokenizer),
+                                     numerics=self.config.verify_numerics)
         self.clients: dict[str, DraftClient] = dict(clients or {})
         for i, model in enumerate(draft_models):
             self.clients[f"drafter-{i}"] = DraftClient(

@@ -47,7 +47,7 @@ def serve(
                              rounds=[], nodes={}, excluded={})
     started = time.perf_counter()
     loaded = load_target_spec(cfg.target, cfg.device, cfg.target_dtype, cfg.target_device_map)
-    verifier = TargetVerifier(loaded.model, vocab_size=loaded.vocab_size)
+    verifier = TargetVerifier(loaded.model, vocab_size=loaded.vocab_size, numerics=cfg.verify_numerics)
     if loaded.tokenizer is None and (cfg.stop_strings() or any(o.get("stop") for o in options)):
         # fail once, at start, rather than refusing every prompt in turn
         from .config import ConfigError

@@ -135,14 +135,12 @@ BF16_NEW_TOKENS = 24
 
 def test_bfloat16_target_greedy_matches_its_own_generate(offline):
     """``target-dtype=bfloat16`` on CPU runs the default pair; its greedy output is compared with
-    the bf16 target's own ``generate`` on the first 10 shipped prompts, and EVERY divergence must be
-    a near-tie: at the first differing position the bf16 target's top two logits (as ``generate``
-    computes them) are within a few bf16 rounding steps, which the batched multi-token verify
-    forward, rounding differently, can flip (docs/CONFIG.md, *Reduced precision*).
-
-    Measured here: 6/10 prompts identical over 24 tokens (8/10 with per-sequence verification),
-    every divergence at a gap of 0 or 1 bf16 step. The issue's target of >= 9/10 is NOT reached;
-    the floor below (>= 5) guards against regressions, the near-tie check against real bugs."""
+    the bf16 target's own ``generate`` on the first 10 shipped prompts (issue: >= 9 of 10). The
+    default ``verify-numerics=auto`` verifies a reduced-precision target stepwise, whose logits are
+    bit-for-bit generate's (``stepwise_attention``): 10/10 when this was written (6/10 with the
+    batched numerics, every divergence at a top-two gap of 0 or 1 bf16 step). Any divergence left
+    must still be such a near-tie: at the first differing position the bf16 target's top two
+    logits (as ``generate`` computes them) are within a few bf16 rounding steps."""
     from specfed_flwr.config import SpecFedConfig
     from specfed_flwr.inprocess import InProcessEngine
     from specfed_flwr.prompts import load_prompts
@@ -161,8 +159,10 @@ def test_bfloat16_target_greedy_matches_its_own_generate(offline):
             expected.append(out[0, len(ids):].tolist())
     cfg = SpecFedConfig(target_dtype="bfloat16", max_new_tokens=BF16_NEW_TOKENS, max_active_sequences=BF16_PROMPTS,
                         temperature=0.0, top_k=8, draft_length=4)
-    result = InProcessEngine(target.model, [draft.model], cfg, tokenizer=target.tokenizer, eos_token_ids=[],
-                             vocab_size=target.vocab_size).generate(prompts)
+    engine = InProcessEngine(target.model, [draft.model], cfg, tokenizer=target.tokenizer, eos_token_ids=[],
+                             vocab_size=target.vocab_size)
+    assert engine.target.stepwise
+    result = engine.generate(prompts)
     same = [got == want for got, want in zip(result.token_ids, expected)]
     explanations = []
     for ids, got, want, ok in zip(prompts, result.token_ids, expected, same):
@@ -178,5 +178,5 @@ def test_bfloat16_target_greedy_matches_its_own_generate(offline):
                              "bf16_steps": gap / float(ulp), "near_tie": {want[at], got[at]} <= set(top2.indices.tolist())
                              or gap <= 4 * float(ulp)})
     print(f"bf16: {sum(same)}/{len(same)} prompts identical; divergences: {explanations}")
-    assert sum(same) >= 5, explanations
+    assert sum(same) >= 9, explanations
     assert all(e["near_tie"] and e["bf16_steps"] <= 4 for e in explanations), explanations
