@@ -27,8 +27,8 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, VOCAB, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
 
 
-def _oracle(prompts, budgets):
-    target = load_target_spec("tiny:0", "cpu").model
+def _oracle(prompts, budgets, dtype: str = "float32"):
+    target = load_target_spec("tiny:0", "cpu", dtype).model
     outs = []
     for p, n in zip(prompts, budgets):
         x = torch.tensor([p])
@@ -74,3 +74,11 @@ def test_simulation_greedy_equals_target_generate(tmp_path, mode, clients):
     if mode == "per-device":
         owners = {s.owner for s in result.sequences}
         assert owners == set(result.nodes)
+
+
+def test_simulation_bfloat16_target_greedy_equals_its_own_generate(tmp_path):
+    """The ServerApp verifies a bf16 target with ``verify-numerics=auto`` (stepwise): its greedy
+    output is the bf16 target's own ``generate``."""
+    prompts = _prompts(5, seed=11)
+    result, _ = run_app(tmp_path, 1, prompts, **{"target-dtype": "bfloat16"})
+    assert result.token_ids == _oracle(prompts, [10] * len(prompts), "bfloat16")
