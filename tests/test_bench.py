@@ -222,9 +222,15 @@ def test_federation_records_and_report(tiny_run):
     for r in steps:
         assert r["step_ms"] > 0 and r["raw_forward_ms"] > 0
         assert math.isclose(r["ratio"], r["step_ms"] / r["raw_forward_ms"])
+    numerics = [r for r in records if r["kind"] == "numerics_cost"]
+    assert sorted(r["batch"] for r in numerics) == [1, 4, 16]
+    for r in numerics:
+        assert r["dtype"] == "bfloat16" and r["batched_ms"] > 0 and r["stepwise_ms"] > 0
+        assert math.isclose(r["ratio"], r["stepwise_ms"] / r["batched_ms"])
     text = md.read_text()
     assert "## Pipelined rounds and the emulated federation" in text
     assert "### Draft and verify step against the bare forward" in text
+    assert "### Reduced-precision verification: `verify-numerics` batched vs stepwise" in text
 
 
 def _report(rnd: int, active: int, drafted: int, accepted: int, *, exchange: float = 0.010, server: float = 0.004,

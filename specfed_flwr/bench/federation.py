@@ -251,6 +251,23 @@ def step_records(pair, prompts: list[list[int]], *, batches: Sequence[int] = (1,
     return out
 
 
+def numerics_records(pair, prompts: list[list[int]], *, batches: Sequence[int] = (1, 4, 16), reps: int = 5,
+                     dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """``verify-numerics`` records: a bf16 copy of the target's verify step, batched vs stepwise."""
+    import copy
+
+    from .stepcost import numerics_cost
+
+    model = copy.deepcopy(pair.target).to(dtype)
+    out = []
+    for b in batches:
+        rec = numerics_cost(model, prompts, batch=b, reps=reps, vocab_size=pair.vocab_size).as_record()
+        rec.update({"kind": "numerics_cost", "engine": "in-process"})
+        out.append(rec)
+    del model
+    return out
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians per (engine, layout, concurrency) of tokens/s, ratio and server CPU per token."""
     groups: dict[tuple, list[dict]] = {}

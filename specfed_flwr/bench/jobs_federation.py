@@ -33,6 +33,8 @@ def federation(bench: "Bench") -> None:
     bench.step("step costs")
     steps = _add(bench, fed.step_records(pair, prompts, reps=3 if "quick" in pr.name else 5))
     out["steps"] = steps
+    bench.step("verify numerics (bf16)")
+    out["numerics"] = _add(bench, fed.numerics_records(pair, prompts, reps=3 if "quick" in pr.name else 5))
     if not bench.tiny:
         bench.step("draft choice")
         out["draft_choice"] = _add(bench, fed.draft_choice(pair, prompts, reps=reps, max_new_tokens=tokens))

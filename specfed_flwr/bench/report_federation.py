@@ -95,6 +95,16 @@ def federation_section(fed: dict[str, Any], deployment: Any = None) -> str:
             [r["component"], r["batch"], fmt(r["step_ms"], ".1f"), fmt(r["raw_forward_ms"], ".1f"), fmt(r["ratio"], ".3f")]
             for r in steps]))
         s.append("")
+    numerics = fed.get("numerics") or []
+    if numerics:
+        s.append("### Reduced-precision verification: `verify-numerics` batched vs stepwise\n")
+        s.append("A bfloat16 copy of the target, one verify step (gamma 4, score + commit) with one attention call "
+                 "per forward (`batched`) and with one per position (`stepwise`, the default for a bf16/fp16 target: "
+                 "logits bit-for-bit the target's own `generate`, docs/CONFIG.md), interleaved, medians.\n")
+        s.append(table(["dtype", "batch", "batched ms", "stepwise ms", "stepwise / batched"], [
+            [r["dtype"], r["batch"], fmt(r["batched_ms"], ".1f"), fmt(r["stepwise_ms"], ".1f"), fmt(r["ratio"], ".2f") + "x"]
+            for r in numerics]))
+        s.append("")
     return "\n".join(s) + "\n"
 
 

@@ -150,6 +150,52 @@ def verify_step_cost(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *
                     1000 * statistics.median(wrapped), 1000 * statistics.median(bare))
 
 
+@dataclass
+class NumericsCost:
+    """One verify step of a reduced-precision target with ``verify-numerics`` batched vs stepwise."""
+
+    dtype: str
+    batch: int
+    gamma: int
+    reps: int
+    batched_ms: float  # median wall time of one verify step (score + commit), one attention call per forward
+    stepwise_ms: float  # the same with one attention call per position (``stepwise_attention``)
+
+    def as_record(self) -> dict:
+        out = asdict(self)
+        out["ratio"] = self.stepwise_ms / self.batched_ms if self.batched_ms > 0 else float("inf")
+        return out
+
+
+def numerics_cost(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, batch: int, gamma: int = 4,
+                  reps: int = 5, vocab_size: int | None = None) -> NumericsCost:
+    """Median cost of one verify step of ``model`` (already in its reduced dtype) with each
+    ``verify-numerics``, their repetitions interleaved."""
+    rows = equal_length_rows(prompts, batch)
+    seq_ids = list(range(batch))
+    paths = [[r[-1]] * gamma for r in rows]
+    verifiers = {n: TargetVerifier(model, vocab_size=vocab_size, numerics=n) for n in ("batched", "stepwise")}
+
+    def round_of(verifier: TargetVerifier):
+        def run() -> None:
+            verifier.score_batch(seq_ids, paths)
+            for s, path in zip(seq_ids, paths):
+                verifier.commit(s, gamma, path[-1])
+        return run
+
+    for verifier in verifiers.values():
+        for s, row in zip(seq_ids, rows):
+            verifier.start(s, row)
+        round_of(verifier)()  # prefill
+    times: dict[str, list[float]] = {n: [] for n in verifiers}
+    for _ in range(reps):
+        for n, verifier in verifiers.items():
+            times[n].append(_timed(round_of(verifier)))
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return NumericsCost(dtype, batch, gamma, reps, 1000 * statistics.median(times["batched"]),
+                        1000 * statistics.median(times["stepwise"]))
+
+
 def step_costs(draft: torch.nn.Module, target: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
                batches: Sequence[int] = (1, 4, 16), gamma: int = 4, reps: int = 5,
                vocab_size: int | None = None) -> list[StepCost]:
