@@ -79,3 +79,21 @@ def test_greedy_bytes_per_position():
     assert greedy_bytes_per_position(49152, sequences=1, gamma=4) == pytest.approx(4 + 11 / 4)
     assert greedy_bytes_per_position(49152, sequences=1, gamma=4) <= 8
     assert greedy_bytes_per_position(49152, sequences=12, gamma=4, encoding="fixed-k") == 32 + 12 / 4
+
+
+def test_support_bound_extrapolates_the_gap_and_counts_id_bits():
+    """The report's 'why missed': a gap that falls exactly 2 points per doubling of slots from 8
+    points at 4 slots reaches 2 points at 32 slots; 32 ids of a 1024-token vocabulary need
+    log2 C(1024, 32) bits. A curve that does not fall gives no bound."""
+    from specfed_flwr.bench.report_measurements import support_bound
+
+    curve = [{"encoding": "budgeted-compact", "mean_slots": n, "alpha_full_fixed_prefixes": 0.99,
+              "alpha_fixed_prefixes": 0.99 - (0.08 - 0.02 * math.log2(n / 4))} for n in (4, 8, 16)]
+    bound = support_bound(curve, 1024, gap_points=2.0)
+    assert bound["points_per_doubling"] == pytest.approx(2.0)
+    assert bound["slots"] == pytest.approx(32.0)
+    expected_bits = math.log2(math.comb(1024, 32))
+    assert bound["id_bytes"] == pytest.approx(expected_bits / 8)
+    assert bound["bits_per_id"] == pytest.approx(expected_bits / 32)
+    flat = [dict(r, alpha_fixed_prefixes=0.9) for r in curve]
+    assert support_bound(flat, 1024, gap_points=2.0) is None

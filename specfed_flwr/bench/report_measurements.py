@@ -4,6 +4,8 @@ controller beside the best fixed gamma."""
 
 from __future__ import annotations
 
+import math
+
 import statistics
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +123,42 @@ def uplink_section(bench: "Bench") -> list[str]:
          status(not dominated)],
     ]))
     s.append("")
+    if not within:
+        why = support_bound(curve, bench.pair.vocab_size, gap_points=2.0)
+        if why:
+            s.append(f"Why the first target is missed: alpha with a sent support cannot exceed the target's mass on "
+                     f"that support, and at temperature 1 many positions are flat. On the `budgeted-compact` curve the gap "
+                     f"falls by {why['points_per_doubling']:.1f} points per doubling of the slots sent (fit on its "
+                     f"{why['fit_points']} largest budgets), so a 2-point gap needs about {why['slots']:.0f} slots per "
+                     f"position on average (extrapolated). Naming that many distinct ids of a {bench.pair.vocab_size}-token "
+                     f"vocabulary takes at least log2 C(V, n) / n = {why['bits_per_id']:.1f} bits each when every subset "
+                     f"is as likely: {why['id_bytes']:.0f} B per position for the ids alone, before any probability. Only "
+                     f"an id code that knows in advance which tokens are likely (a prior both sides share) could "
+                     f"go below that; none is built.\n")
     return s
+
+
+def support_bound(curve: list[dict[str, Any]], vocab_size: int, *, gap_points: float,
+                  encoding: str = "budgeted-compact", fit_points: int = 3) -> dict[str, float] | None:
+    """How many slots per position a ``gap_points`` alpha gap needs, extrapolated from ``encoding``'s
+    largest budgets (gap linear in log2 slots), and the bytes the ids of that many distinct tokens
+    take at least (log2 of the number of such subsets of the vocabulary). None when the curve
+    gives no falling trend to extrapolate."""
+    pts = sorted(((r["mean_slots"], r["alpha_full_fixed_prefixes"] - r["alpha_fixed_prefixes"]) for r in curve
+                  if r["encoding"] == encoding and r.get("mean_slots")), key=lambda p: p[0])[-fit_points:]
+    if len(pts) < 2 or vocab_size < 2:
+        return None
+    xs = [math.log2(n) for n, _ in pts]
+    ys = [g for _, g in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 0.0
+    if slope >= 0:
+        return None
+    slots = min(2.0 ** (mx + (gap_points / 100 - my) / slope), vocab_size / 2)
+    log2_subsets = (math.lgamma(vocab_size + 1) - math.lgamma(slots + 1) - math.lgamma(vocab_size - slots + 1)) / math.log(2)
+    return {"points_per_doubling": -100 * slope, "fit_points": len(pts), "slots": slots,
+            "bits_per_id": log2_subsets / slots, "id_bytes": log2_subsets / 8}
 
 
 def latency_section(bench: "Bench") -> list[str]:
