@@ -216,7 +216,8 @@ def deployment_comparison(measured: dict[str, dict[str, Any]], target_s: float) 
         out[runtime] = {k: r.get(k) for k in ("round_s_median", "reply_gap_s_median", "rounds", "tokens_per_s",
                                                "clientapp_processes_per_node", "draft_loads", "exact_match",
                                                "pipelined", "proactive_hits", "proactive_misses",
-                                               "standby_messages", "standby_sent", "standby_median_hold_s")}
+                                               "standby_messages", "standby_sent", "standby_median_hold_s",
+                                               "verify_s_per_round", "draft_max_s_per_round", "concurrency", "gamma")}
     pp = measured.get("persistent-pipelined")
     if pp and pp.get("reply_gap_s_median") is not None:
         out["reply_gap_met"] = pp["reply_gap_s_median"] <= 0.8

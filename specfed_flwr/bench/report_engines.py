@@ -143,7 +143,8 @@ def deployment_runtimes_section(cmp: Any) -> str:
                    f"**{verdict}**{speed}. Strict rounds (the next round's messages go out after the last reply of "
                    "this one): a SuperNode sleeps a hard-coded 3 s after an empty pull, which it always finds right after "
                    "sending its reply unless a standby message is queued behind the request (the row without them "
-                   "shows that floor), and checks for the ClientApp's reply every 0.5 s.\n")
+                   "shows that floor), and checks for the ClientApp's reply every 0.5 s." + _strict_split(cmp.get("persistent"))
+                   + "\n")
     if cmp.get("reply_gap_met") is not None:
         gap = cmp["persistent-pipelined"]["reply_gap_s_median"]
         out.append(f"Target: with pipelined rounds, a median gap between a node's consecutive replies <= "
@@ -151,8 +152,31 @@ def deployment_runtimes_section(cmp: Any) -> str:
                    "With cohorts in flight the next message for a node can already be queued when it replies, and then "
                    "its SuperNode skips the 3 s idle sleep; a median above the bar means that in many gaps it was "
                    "not queued yet (the server pushes a cohort's next request only after verifying its replies, "
-                   "which it first has to pull through the SuperLink).\n")
+                   "which it first has to pull through the SuperLink)." + _contention(cmp) + "\n")
     return "\n".join(out) + "\n"
+
+
+def _strict_split(r: dict[str, Any] | None) -> str:
+    """Where a strict persistent round's median went, from the run's own per-round means."""
+    if not r or not r.get("round_s_median") or r.get("draft_max_s_per_round") is None:
+        return ""
+    draft, verify = r["draft_max_s_per_round"], r.get("verify_s_per_round") or 0.0
+    rest = r["round_s_median"] - draft - verify
+    return (f" In this run: the slower device drafted {draft:.2f} s per round ({r.get('concurrency')} sequences, gamma "
+            f"{r.get('gamma')}, both devices and the server on this machine's cores) and the target verified {verify:.2f} s; the other {rest:.2f} s are "
+            "transport: the 0.5 s reply checks, the standby hold and the ServerApp's pulls.")
+
+
+def _contention(cmp: dict[str, Any]) -> str:
+    """Why pipelined rounds are slower here: the verify shares the cores with the devices' drafting."""
+    pipe, strict = cmp.get("persistent-pipelined") or {}, cmp.get("persistent") or {}
+    if not pipe.get("verify_s_per_round") or not strict.get("verify_s_per_round"):
+        return ""
+    return (f" In this run the target's verify took {pipe['verify_s_per_round']:.2f} s per round pipelined against "
+            f"{strict['verify_s_per_round']:.2f} s in strict rounds, although with cohorts in flight each verify covers "
+            "fewer sequences: pipelined, it runs while both device runtimes draft, three busy processes on this "
+            "machine's cores, so every step of the pipeline slows down and the next request is late. Devices on "
+            "their own hardware would not take the server's cores.")
 
 
 def _deployment_processes(r: dict[str, Any]) -> str:
