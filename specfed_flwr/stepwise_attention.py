@@ -42,7 +42,16 @@ def attention_implementation(model: torch.nn.Module) -> str:
 
 
 def supports_stepwise(model: torch.nn.Module) -> bool:
-    return attention_implementation(model) in WRAPPED_IMPLEMENTATIONS
+    """Whether ``stepwise`` can wrap ``model``'s attention (and this transformers has the
+    attention and mask interfaces it registers with)."""
+    if attention_implementation(model) not in WRAPPED_IMPLEMENTATIONS:
+        return False
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401
+    except ImportError:  # pragma: no cover - older transformers
+        return False
+    return True
 
 
 def _allowed_columns(attention_mask: torch.Tensor | None, b: int, q: int, kv: int, device) -> torch.Tensor:

@@ -95,7 +95,8 @@ class TargetVerifier:
                 out, seq.cache = forward_with_cache(self.model, seq.cache, input_ids=input_ids, **extra)
             self.forward_calls += 1
             seq.cache_len += len(pending)
-            rows.append(out.logits[0, -keep:, : self.vocab_size].float().cpu())  # [keep, V]
+            if keep > 0:
+                rows.append(out.logits[0, -keep:, : self.vocab_size].float().cpu())  # [keep, V]
             self.forward_seconds += time.perf_counter() - started
         seq.next_logits = None
         seq.scored_path = path
