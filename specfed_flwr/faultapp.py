@@ -26,6 +26,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from .records import record_arrays
+
 FAULT_KINDS = ("crash", "nan", "random", "slow", "replay", "mismatch")
 
 
@@ -152,7 +154,7 @@ def make_fault_client_app(
         reply = real.draft(message, context)
         if kind not in ("nan", "random"):
             return reply
-        arrays = {n: a.numpy().copy() for n, a in reply.content.array_records["draft"].items()}
+        arrays = {n: a.copy() for n, a in record_arrays(reply.content.array_records["draft"]).items()}
         if kind == "nan":
             return _with_arrays(reply, _broken(arrays, round_, vocab_size))
         return _with_arrays(reply, _random_like(arrays, round_, vocab_size, seed * 100_003 + round_ * 1009 + _partition(context)))

@@ -9,7 +9,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .faults import FaultKind
 from .protocol import DraftRequest
-from .wire import DraftReply, reply_to_arrays
+from .packing import PACKED, PackingError, pack, unpack
+from .wire import DraftReply, WireFormatError, reply_to_arrays
 
 DRAFT_MESSAGE = "query.draft"
 HANDSHAKE_MESSAGE = "query.handshake"
@@ -28,7 +29,19 @@ class MissingRecordError(KeyError):
 
 
 def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    """All arrays packed into one ``Array`` (``packing``: one Flower object instead of one per array)."""
+    return ArrayRecord({PACKED: Array(pack(arrays))})
+
+
+def record_arrays(record: ArrayRecord, sender: str = "the sender") -> dict[str, np.ndarray]:
+    """The named arrays of a record: unpacked from its one ``packed`` array, or (a ClientApp or
+    server that does not pack) its arrays as they are."""
+    if PACKED in record:
+        try:
+            return unpack(record[PACKED].numpy())
+        except PackingError as exc:
+            raise WireFormatError(PACKED, sender, str(exc)) from exc
+    return {name: arr.numpy() for name, arr in record.items()}
 
 
 def _config_value(value: Any) -> Any:
@@ -51,7 +64,7 @@ def request_content(request: DraftRequest, extra: Mapping[str, Any] | None = Non
 
 
 def request_from_content(content: RecordDict) -> tuple[DraftRequest, dict[str, Any]]:
-    arrays = {name: arr.numpy() for name, arr in content.array_records["request"].items()}
+    arrays = record_arrays(content.array_records["request"])
     cfg = dict(content.config_records["config"])
     return DraftRequest.from_parts(arrays, cfg), cfg
 
@@ -66,10 +79,10 @@ def reply_content(reply: DraftReply | Mapping[str, np.ndarray], metrics: Mapping
     )
 
 
-def reply_arrays(content: RecordDict) -> tuple[dict[str, Any], dict[str, Any]]:
+def reply_arrays(content: RecordDict, client: str = "the device") -> tuple[dict[str, Any], dict[str, Any]]:
     """The raw arrays and metrics of a draft reply (decoded and validated by ``wire.decode_reply``)."""
     if "draft" not in content.array_records:
         raise MissingRecordError("the reply has no 'draft' array record")
-    arrays = {name: arr.numpy() for name, arr in content.array_records["draft"].items()}
+    arrays = record_arrays(content.array_records["draft"], client)
     metrics = dict(content.metric_records["metrics"]) if "metrics" in content.metric_records else {}
     return arrays, metrics

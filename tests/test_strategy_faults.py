@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specfed_flwr.config import SpecFedConfig
 from specfed_flwr.coordinator import Coordinator
 from specfed_flwr.faults import EventKind, FaultKind
+from specfed_flwr.records import record_arrays
 from specfed_flwr.strategies import SpecFedStrategy
 from specfed_flwr.target import TargetVerifier
 
@@ -242,7 +243,7 @@ class ScriptedGrid:
             if metrics:
                 content["metrics"] = MetricRecord(metrics)
             return Message(content, reply_to=message)
-        req = {n: a.numpy() for n, a in message.content.array_records["request"].items()}
+        req = record_arrays(message.content.array_records["request"])
         k = int(message.content.config_records["config"]["k"])
         arrays = _valid_arrays(req["seq_ids"].tolist(), max(1, int(req["gammas"].max(initial=0))), k)
         arrays["lengths"] = req["gammas"].astype(np.int32)

@@ -380,7 +380,7 @@ class SpecFedStrategy(Strategy):
                 if message.has_error():
                     faults[name] = error_reply_fault(message, cfg.round_timeout)
                     continue
-                arrays, m = reply_arrays(message.content)
+                arrays, m = reply_arrays(message.content, f"node {name}")
                 replies[name] = decode_reply(
                     arrays, vocab_size=self.target.vocab_size, max_k=cfg.max_k, max_gamma=cfg.max_gamma,
                     client=f"node {name}", max_bytes=cfg.max_reply_bytes,
