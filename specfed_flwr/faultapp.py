@@ -23,10 +23,10 @@ import time
 from typing import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from .records import record_arrays
+from .records import array_record, record_arrays
 
 FAULT_KINDS = ("crash", "nan", "random", "slow", "replay", "mismatch")
 
@@ -103,7 +103,7 @@ def _random_like(arrays: dict[str, np.ndarray], round_: int, vocab_size: int, se
 
 
 def _with_arrays(reply: Message, arrays: Mapping[str, np.ndarray]) -> Message:
-    reply.content["draft"] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()})
+    reply.content["draft"] = array_record(arrays)
     return reply
 
 
@@ -154,7 +154,7 @@ def make_fault_client_app(
         reply = real.draft(message, context)
         if kind not in ("nan", "random"):
             return reply
-        arrays = {n: a.copy() for n, a in record_arrays(reply.content.array_records["draft"]).items()}
+        arrays = record_arrays(reply.content.array_records["draft"])  # fresh, writable copies
         if kind == "nan":
             return _with_arrays(reply, _broken(arrays, round_, vocab_size))
         return _with_arrays(reply, _random_like(arrays, round_, vocab_size, seed * 100_003 + round_ * 1009 + _partition(context)))

@@ -28,7 +28,7 @@ class MissingRecordError(KeyError):
     kind = FaultKind.MISSING_RECORD
 
 
-def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+def array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """All arrays packed into one ``Array`` (``packing``: one Flower object instead of one per array)."""
     return ArrayRecord({PACKED: Array(pack(arrays))})
 
@@ -60,7 +60,7 @@ def config_record(values: Mapping[str, Any]) -> ConfigRecord:
 def request_content(request: DraftRequest, extra: Mapping[str, Any] | None = None) -> RecordDict:
     cfg = dict(request.config())
     cfg.update(extra or {})
-    return RecordDict({"request": _array_record(request.arrays()), "config": config_record(cfg)})
+    return RecordDict({"request": array_record(request.arrays()), "config": config_record(cfg)})
 
 
 def request_from_content(content: RecordDict) -> tuple[DraftRequest, dict[str, Any]]:
@@ -73,7 +73,7 @@ def reply_content(reply: DraftReply | Mapping[str, np.ndarray], metrics: Mapping
     arrays = reply_to_arrays(reply) if isinstance(reply, DraftReply) else reply
     return RecordDict(
         {
-            "draft": _array_record(arrays),
+            "draft": array_record(arrays),
             "metrics": MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in metrics.items()}),
         }
     )

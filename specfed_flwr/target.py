@@ -82,8 +82,7 @@ class TargetVerifier:
         """Float32 logits [len(path) + 1, V] on the CPU."""
         seq = self._seqs[seq_id]
         path = [int(t) for t in path]
-        if self.stepwise and seq.cache_len == 0:
-            self._prefill_whole(seq)
+        self._prefill_new([seq])
         pending = seq.tokens[seq.cache_len :] + path
         rows = [] if seq.next_logits is None else [seq.next_logits.unsqueeze(0)]  # [1, V]
         keep = len(path) + 1 - len(rows)  # rows the forward must give
@@ -127,10 +126,7 @@ class TargetVerifier:
     def _score_padded(self, seq_ids: list[int], paths: list[list[int]], g: int) -> torch.Tensor:
         seqs = [self._seqs[s] for s in seq_ids]
         paths = [[int(t) for t in p] for p in paths]
-        if self.stepwise:
-            for seq in seqs:
-                if seq.cache_len == 0:
-                    self._prefill_whole(seq)
+        self._prefill_new(seqs)
         if any(seq.next_logits is not None for seq in seqs):
             return self._score_padded_with_heads(seqs, paths, g)
         pending = [seq.tokens[seq.cache_len :] + path for seq, path in zip(seqs, paths)]
@@ -193,6 +189,13 @@ class TargetVerifier:
     def _numerics(self):
         return stepwise(self.model) if self.stepwise else contextlib.nullcontext()
 
+    def _prefill_new(self, seqs: list[_TargetSequence]) -> None:
+        """``stepwise``: prefill (``_prefill_whole``) the sequences with nothing cached yet."""
+        if self.stepwise:
+            for seq in seqs:
+                if seq.cache_len == 0:
+                    self._prefill_whole(seq)
+
     def _prefill_whole(self, seq: _TargetSequence) -> None:
         """``stepwise``: feed a sequence's committed tokens alone and whole, as ``generate``
         prefills a prompt, keeping the logits that predict its next token (``next_logits``)."""
@@ -229,10 +232,9 @@ class TargetVerifier:
         rows = [int(s) for s in seq_ids if self.pending_prefill(s) > 0]
         if not rows:
             return 0
-        if self.stepwise:
+        if self.stepwise:  # pending here means nothing cached yet
             fed = sum(self.pending_prefill(s) for s in rows)
-            for s in rows:
-                self._prefill_whole(self._seqs[s])
+            self._prefill_new([self._seqs[s] for s in rows])
             return fed
         started = time.perf_counter()
         seqs = [self._seqs[s] for s in rows]

@@ -264,7 +264,6 @@ def numerics_records(pair, prompts: list[list[int]], *, batches: Sequence[int] =
         rec = numerics_cost(model, prompts, batch=b, reps=reps, vocab_size=pair.vocab_size).as_record()
         rec.update({"kind": "numerics_cost", "engine": "in-process"})
         out.append(rec)
-    del model
     return out
 
 
