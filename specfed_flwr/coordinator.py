@@ -409,6 +409,27 @@ class Coordinator(Cohorts, RoundSteps):
             return f"reply has K={reply.k} slots, asked for {request.k}"
         return None
 
+    def is_dead(self, plan: RoundPlan) -> bool:
+        """Whether every sequence ``plan`` drafts for has finished since it was pushed (target steps
+        while waiting decoded them to the end): its replies could only be dropped."""
+        return not any(s in self._active for s in plan.seq_ids)
+
+    def abandon_round(self, plan: RoundPlan) -> RoundReport:
+        """Close a dead round (``is_dead``) without waiting for its replies.
+
+        Waiting would stall every later cohort behind it (rounds are verified in push order) for
+        drafts of finished sequences. Nobody is faulted for the missing replies, and the releases
+        the request carried stay pending until a reply confirms them (a device that frees a
+        sequence twice ignores the second). The report carries the sequences finished meanwhile."""
+        del self._plans[plan.round]
+        finished, self._finished_between = self._finished_between, []
+        report = RoundReport(round=plan.round, active_sequences=0, clients_asked=0, clients_replied=0, drafted=0,
+                             accepted=0, emitted=0, alpha=None, verify_seconds=0.0, server_seconds=0.0,
+                             uplink_bytes=0, downlink_bytes=0, finished=finished, faults={}, weights={},
+                             cohort=plan.cohort, pipeline_depth=self.depth, settings=dict(plan.settings))
+        self.rounds.append(report)
+        return report
+
     def complete_round(
         self,
         replies: dict[str, DraftReply],

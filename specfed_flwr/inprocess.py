@@ -256,6 +256,10 @@ class ProcessTransport:
             flight.raw[expected] = reply
             flight.arrivals[expected] = time.perf_counter()
 
+    def discard(self, flight: InFlight) -> None:
+        """Stop collecting a round nobody will decode (its late replies are read and dropped)."""
+        self._flights.pop(flight.plan.round, None)
+
     def decode(self, flight: InFlight):
         self._flights.pop(flight.plan.round, None)
         replies, metrics, faults = {}, {}, {}

@@ -14,7 +14,10 @@ its own cohort's sequences with the target, exactly as a strict round would.
 2. **pull**: replies that arrived for any round in flight are collected (non-blocking);
 3. **verify**: the oldest round, once its replies are all in or its deadline passed, is decoded
    and handed to ``Coordinator.complete_round`` (which also tells the roster who answered). Then
-   the loop goes back to 1, so that this cohort's next request leaves before anything else;
+   the loop goes back to 1, so that this cohort's next request leaves before anything else. A
+   round whose sequences all finished meanwhile (step 5 decoded them to the end) is closed at
+   once (``Coordinator.abandon_round``; the transport's ``discard`` drops its late replies), so
+   the cohorts behind it do not wait for drafts nobody can use;
 4. **depth**: with ``pipeline-depth=auto`` two cohorts (one verifying while the other drafts);
    exactly two while the devices are saturated (their requests queue: the median wait a device
    reports between its reply and the next request is under a quarter of a verify), since more
@@ -100,6 +103,8 @@ class Transport(Protocol):
 
     def wait(self, seconds: float) -> None:
         """Block until a reply may have arrived, at most ``seconds``."""
+
+    # optional: ``discard(flight)``, a round that will never be decoded (``Coordinator.abandon_round``)
 
 
 class DepthController:
@@ -223,6 +228,16 @@ def run_rounds(
         # were pushed, so that with a fixed depth the server's random draws, and so a sampled
         # output, do not depend on which device happened to answer first)
         oldest = min(flights)
+        if coordinator.is_dead(flights[oldest].plan):
+            # its sequences all finished meanwhile: waiting would only hold up the later cohorts
+            flight = flights.pop(oldest)
+            discard = getattr(transport, "discard", None)
+            if discard is not None:
+                discard(flight)
+            report = coordinator.abandon_round(flight.plan)
+            if after_round is not None:
+                after_round(report, flight, {})
+            continue
         if not flights[oldest].complete(time.perf_counter()):
             # 5. nothing to verify yet: prefill new sequences' prompts on the target, else decode
             # the sequences whose drafts are out one target step, else wait

@@ -305,3 +305,76 @@ def test_sampling_keeps_the_target_law_when_the_target_stepped_while_drafts_were
         plan = coord.plan_cohort(list(clients), None)
         coord.complete_round({n: c.handle(plan.requests[n])[0] for n, c in clients.items()}, plan=plan)
     _assert_two_token_law(np.array([r.token_ids[:2] for r in sorted(coord.finished, key=lambda r: r.index)]), p1, joint)
+
+
+class _HoldingTransport:
+    """Answers every request at once (the draft client runs in ``push``), except the first
+    request of round ``hold``: that reply never comes, as from a device that went quiet."""
+
+    poll_interval = 0.01
+    shares_server_cpus = False
+
+    def __init__(self, clients: dict[str, DraftClient], hold: int):
+        self.clients, self.hold = clients, hold
+        self.discarded: list[int] = []
+        self.held: list[int] = []
+
+    def push(self, plan, timeout):
+        from specfed_flwr.pipeline import InFlight
+
+        now = time.perf_counter()
+        flight = InFlight(plan, now, now + timeout, set(plan.requests))
+        if plan.round == self.hold:
+            self.held = list(plan.seq_ids)
+        else:
+            for name, request in plan.requests.items():
+                flight.handles[name] = self.clients[name].handle(request)
+        return flight
+
+    def pull(self, flights):
+        for flight in flights:
+            for name, answer in flight.handles.items():
+                flight.raw[name] = answer
+                flight.arrivals[name] = time.perf_counter()
+
+    def decode(self, flight):
+        replies = {name: reply for name, (reply, _) in flight.raw.items()}
+        metrics = {name: m.as_dict() for name, (_, m) in flight.raw.items()}
+        return replies, metrics, {}
+
+    def discard(self, flight):
+        self.discarded.append(flight.plan.round)
+
+    def wait(self, seconds):
+        time.sleep(seconds)
+
+
+def test_a_round_whose_sequences_finished_meanwhile_is_closed_without_waiting(models, prompts, oracle):
+    """A cohort's reply never comes; the target decodes its sequences to the end meanwhile (they
+    got whole prompts that round, so they count as late). The round is then closed at once: the
+    run does not sit out the round deadline, nobody is faulted for the missing reply, and the
+    output is still the target's greedy generate."""
+    from specfed_flwr.coordinator import Coordinator
+    from specfed_flwr.pipeline import run_rounds
+    from specfed_flwr.target import TargetVerifier
+
+    target, draft = models[0], models[1]
+    cfg = _config("2", target_steps_while_waiting="on", max_active_sequences=4)
+    clients = {"device": DraftClient(HFDraftProposer(draft, vocab_size=VOCAB))}
+    transport = _HoldingTransport(clients, hold=2)  # round 2: the second cohort's first round
+    coord = Coordinator(TargetVerifier(target, vocab_size=VOCAB), cfg, eos_token_ids=[])
+    for p in prompts:
+        coord.submit(p)
+    reports = []
+    started = time.perf_counter()
+    run_rounds(coord, transport, ["device"], depth=2, round_timeout=60.0, max_rounds=1000,
+               after_round=lambda report, flight, metrics: reports.append(report))
+    assert time.perf_counter() - started < 30.0  # well inside the 60 s deadline it used to wait out
+    assert transport.discarded == [2]
+    closed = next(r for r in reports if r.round == 2)
+    assert closed.active_sequences == 0 and closed.clients_asked == 0 and closed.finished
+    reported = [s.seq_id for r in reports for s in r.finished]
+    assert sorted(reported) == sorted(set(reported)) and set(transport.held) <= set(reported)
+    stats = coord.client_stats["device"]
+    assert stats.faults == [] and stats.resyncs == 0
+    assert [r.token_ids for r in sorted(coord.finished, key=lambda r: r.index)] == oracle

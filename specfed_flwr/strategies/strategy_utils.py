@@ -147,6 +147,12 @@ class GridTransport:
                 if self.standby is not None:
                     self.standby.delivered(name, now)
 
+    def discard(self, flight: InFlight) -> None:
+        """A round nobody will decode: its nodes' standby bookkeeping closes as for a lost reply
+        (a late reply stays on the SuperLink until its ttl)."""
+        if self.standby is not None:
+            self.standby.closed([name for name in flight.handles.values() if name not in flight.raw])
+
     def decode(self, flight: InFlight):
         if self.standby is not None:
             self.standby.closed([name for name in flight.handles.values() if name not in flight.raw])
