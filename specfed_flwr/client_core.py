@@ -34,9 +34,17 @@ class DraftMetrics:
     # (drafting ahead counts as idle: it is optional work); ~0 when requests queue at the device,
     # i.e. it is the bottleneck and more cohorts in flight cannot keep it busier (``pipeline``)
     idle_seconds: float = 0.0
+    # the device's drafting compute since its previous reply, drafting ahead included, and the
+    # batched draft forwards it ran in that time (-1: the proposer does not count its forwards):
+    # compute_seconds / forward_steps is what one draft step really costs this device, which
+    # draft_seconds alone hides when the drafts were made ahead (the adaptive controller's ``a``)
+    compute_seconds: float = 0.0
+    forward_steps: int = -1
 
     def as_dict(self) -> dict[str, float | int]:
         return {
+            "compute_seconds": self.compute_seconds,
+            "forward_steps": self.forward_steps,
             "draft_seconds": self.draft_seconds,
             "positions": self.positions,
             "uplink_bytes": self.uplink_bytes,
@@ -72,6 +80,8 @@ class DraftClient:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._last_reply: float | None = None  # perf_counter() when the previous reply was ready
+        self._ahead_seconds = 0.0  # drafting ahead since the previous reply (``DraftMetrics.compute_seconds``)
+        self._steps_mark = self._forward_calls()  # the proposer's forward count at the previous reply
 
     def handle(self, request: DraftRequest) -> tuple[DraftReply, DraftMetrics]:
         arrived = time.perf_counter()
@@ -105,6 +115,10 @@ class DraftClient:
             )
             elapsed = time.perf_counter() - start
             after = self.proposer.stats
+            steps_now = self._forward_calls()
+        # forwards since the previous reply: those drafting ahead and those for this reply
+        steps = -1 if steps_now is None or self._steps_mark is None else steps_now - self._steps_mark
+        compute, self._ahead_seconds = elapsed + self._ahead_seconds, 0.0
         metrics = DraftMetrics(
             draft_seconds=elapsed,
             positions=int(reply.lengths.sum()),
@@ -113,7 +127,10 @@ class DraftClient:
             proactive_hits=after["proactive_hits"] - before["proactive_hits"],
             proactive_misses=after["proactive_misses"] - before["proactive_misses"],
             idle_seconds=idle,
+            compute_seconds=compute,
+            forward_steps=steps,
         )
+        self._steps_mark = steps_now
         if self.draft_ahead:
             rows = [int(s) for s, g in zip(request.seq_ids.tolist(), gammas) if g > 0]
             if rows:
@@ -124,14 +141,20 @@ class DraftClient:
     def _start_ahead(self, seq_ids: list[int], extra: int) -> None:
         def run() -> None:
             with self._lock:
+                started = time.perf_counter()
                 try:
                     self.proposer.draft_ahead(seq_ids, extra, self._stop)
                 except Exception:  # noqa: BLE001 - a guess that fails costs nothing but the guess
                     pass
+                self._ahead_seconds += time.perf_counter() - started
 
         self._stop.clear()
         self._ahead = threading.Thread(target=run, name="specfed-draft-ahead", daemon=True)
         self._ahead.start()
+
+    def _forward_calls(self) -> int | None:
+        calls = getattr(self.proposer, "forward_calls", None)
+        return int(calls) if isinstance(calls, int) else None
 
     def stop_ahead(self) -> None:
         """Stop drafting ahead (at the next forward boundary) and wait for it."""

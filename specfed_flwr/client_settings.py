@@ -73,7 +73,8 @@ class ClientSettings:
         return self.controllers[client]
 
     def observe(self, client: str, request: "DraftRequest | None", reply: "DraftReply", *, draft_seconds: float,
-                wall_seconds: float, agreement: float | None) -> None:
+                wall_seconds: float, agreement: float | None, server_seconds: float = 0.0,
+                device: dict | None = None) -> None:
         """Feed ``client``'s controller one verified round (SPEC theory: T = a*gamma + b).
 
         ``wall_seconds``: the round as the transport saw it (with cohorts in flight, that cohort's own
@@ -82,7 +83,13 @@ class ClientSettings:
         are used only while nothing better is known (a provisional estimate that errs towards short
         drafts, where the priors, made for fast devices, err towards long ones: a gamma-8 round on
         a CPU device); the first decoding round's times replace them, and later prefill rounds
-        give no timing."""
+        give no timing.
+
+        ``device``: the client's own metrics. One that shows drafting ahead (``compute_seconds``
+        beyond ``draft_seconds``, over ``forward_steps`` forwards) switches the client's controller
+        to the round cost of a device that drafts during the verify (``ahead_cost``): its ``a`` is
+        then the device's compute per draft step, ahead work included, and its ``b`` the server's
+        time plus the exchange's latency beyond drafting (``server_seconds``)."""
         positions = int(reply.lengths.sum())
         kept = reply.kept_mass()[reply.valid_mask()]
         controller = self.controller(client)
@@ -90,10 +97,21 @@ class ClientSettings:
         if not prefilled and client not in self._decoded:
             controller.forget_timing()
             self._decoded.add(client)
-        timing = {} if prefilled and client in self._decoded else {
-            "round_cost": max(wall_seconds - draft_seconds, 1e-4),
-            "draft_time_per_token": draft_seconds / positions if positions else None,
-        }
+        device = device or {}
+        compute, steps = float(device.get("compute_seconds", 0.0)), int(device.get("forward_steps", -1))
+        if steps > 0 and compute > draft_seconds + 1e-3:
+            controller.config.drafts_ahead = True
+        if controller.config.drafts_ahead and steps > 0:
+            timing = {"round_cost": max(server_seconds + max(wall_seconds - draft_seconds, 0.0), 1e-4),
+                      "draft_time_per_token": compute / steps}
+        else:
+            # a = one draft step for the whole batch: the rows draft side by side, so a reply of
+            # B rows x gamma positions took gamma steps (not B x gamma)
+            steps_drafted = int(reply.lengths.max()) if positions else 0
+            timing = {"round_cost": max(wall_seconds - draft_seconds, 1e-4),
+                      "draft_time_per_token": draft_seconds / steps_drafted if steps_drafted else None}
+        if prefilled and client in self._decoded:
+            timing = {}
         controller.update(
             alpha=agreement,
             **timing,

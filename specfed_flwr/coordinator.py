@@ -274,7 +274,8 @@ class Coordinator(Cohorts, RoundSteps):
             draft_seconds = float(metrics.get(client, {}).get("draft_seconds", 0.0))
             wall = round_seconds if round_seconds is not None else draft_seconds + report.server_seconds
             self.settings.observe(client, plan.requests.get(client), reply, draft_seconds=draft_seconds,
-                                  wall_seconds=wall, agreement=agreements.get(client))
+                                  wall_seconds=wall, agreement=agreements.get(client),
+                                  server_seconds=report.server_seconds, device=metrics.get(client))
 
     def uplink_for(self, k: int) -> tuple[str, float, int]:
         """(encoding, budget, slots cap per position) of a request whose K is ``k``: fixed-k sends k

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import lambertw
 
+from .ahead_cost import best_gamma_drafting_ahead, throughput_drafting_ahead
 from .wire import bytes_per_position  # the wire format's own count (ids uint16 up to V = 65536)
 
 __all__ = [
@@ -312,6 +313,9 @@ class ControllerConfig:
     alpha_cap: float = 0.99  # modelled alpha never exceeds this (keeps gamma finite)
     # switch K only when the best modelled throughput beats the current K's by this fraction
     k_switch_margin: float = 0.02
+    # the device drafts the next round while the server verifies (``draft-ahead``): rounds cost
+    # ``ahead_cost.round_time_drafting_ahead`` instead of a * gamma + b
+    drafts_ahead: bool = False
 
     def __post_init__(self) -> None:
         if self.gamma_min < 0:
@@ -384,6 +388,10 @@ class AdaptiveController:
       modelled throughput ``E[N](alpha_K, gamma_K) / (a_K gamma_K + b_hat)``.
     * K = the best candidate (the current K is kept unless another beats it by k_switch_margin),
       gamma = gamma_K.
+    * ``drafts_ahead``: the device drafts the next round during the verify, so a round costs
+      ``ahead_cost.round_time_drafting_ahead`` (``a``: its compute per batched step, ahead work
+      included; ``b``: the server's time plus the exchange's latency) and gamma_K is the best
+      integer by enumeration.
     """
 
     def __init__(self, config: ControllerConfig | None = None, link: LinkProfile | None = None) -> None:
@@ -537,6 +545,11 @@ class AdaptiveController:
         for k in cfg.allowed_k():
             al = self.modelled_alpha(k)
             a = self.per_token_cost(k)
+            if cfg.drafts_ahead:
+                g = best_gamma_drafting_ahead(al, a, b, self.sequences, gamma_min=cfg.gamma_min,
+                                              gamma_max=cfg.gamma_max)
+                cands[k] = (g, al, throughput_drafting_ahead(al, g, a, b, self.sequences))
+                continue
             if a > 0:
                 g = best_integer_gamma(al, a, b, gamma_max=cfg.gamma_max, gamma_min=cfg.gamma_min)
             else:  # free drafts: as long as allowed (alpha < 1 so E[N] is still increasing)

@@ -56,3 +56,42 @@ def test_adaptive_gamma_stays_within_the_caps() -> None:
         s.observe("a", _request(3), _reply(), draft_seconds=0.004, wall_seconds=1.0, agreement=1.0)
     gamma, k = s.for_client("a")
     assert gamma == 6 and 1 <= k <= 4
+
+
+def _device(compute: float, steps: int) -> dict:
+    return {"compute_seconds": compute, "forward_steps": steps}
+
+
+def test_a_device_that_drafts_ahead_is_modelled_by_its_real_step_cost() -> None:
+    """A reply that was drafted ahead took ~no time at request time. Read the strict way, that says
+    drafts are free and gamma runs to max-gamma; with the device's compute per step (ahead work
+    included) and the server's time as b, the controller picks the gamma of the drafting-ahead
+    round model instead."""
+    from specfed_flwr.ahead_cost import best_gamma_drafting_ahead
+
+    cfg = SpecFedConfig(adaptive=True, draft_length=4, top_k=4, max_k=8, max_gamma=16)
+    ahead, blind = ClientSettings(cfg, V), ClientSettings(cfg, V)
+    for _ in range(8):
+        # the drafts were there: 1 ms to serve them, 0.25 s of drafting ahead over 5 forwards
+        ahead.observe("a", _request(9), _reply(), draft_seconds=0.001, wall_seconds=0.004, agreement=0.97,
+                      server_seconds=0.1, device=_device(0.251, 5))
+        blind.observe("a", _request(9), _reply(), draft_seconds=0.001, wall_seconds=0.004, agreement=0.97,
+                      server_seconds=0.1)
+    c = ahead.controller("a")
+    assert c.config.drafts_ahead and not blind.controller("a").config.drafts_ahead
+    assert c.draft_time_per_token == pytest.approx(0.251 / 5)
+    assert c.round_cost == pytest.approx(0.1 + 0.003)
+    gamma, _ = ahead.for_client("a")
+    assert gamma == best_gamma_drafting_ahead(c.modelled_alpha(c.k), c.per_token_cost(c.k), c.round_cost,
+                                              gamma_max=16)
+    assert 1 <= gamma <= 4
+    assert blind.for_client("a")[0] == 16  # "free" drafts
+
+
+def test_a_batch_drafts_in_gamma_steps_not_rows_times_gamma() -> None:
+    """Strict rounds: 8 rows x 4 positions drafted in 0.4 s are 4 batched steps of 0.1 s."""
+    s = ClientSettings(SpecFedConfig(adaptive=True, draft_length=4, top_k=4, max_k=8), V)
+    ids = np.tile(np.arange(4), (8, 4, 1))  # [8, 4, 4]
+    reply = make_reply(list(range(8)), [4] * 8, ids, np.full((8, 4, 4), 0.2, dtype=np.float32), V)
+    s.observe("a", SimpleNamespace(starts=np.full(8, 5)), reply, draft_seconds=0.4, wall_seconds=0.6, agreement=0.8)
+    assert s.controller("a").draft_time_per_token == pytest.approx(0.1)

@@ -208,6 +208,26 @@ def test_auto_depth_stays_at_two_while_the_devices_are_saturated():
     assert blind.depth == 4
 
 
+def test_auto_depth_with_drafting_ahead_is_one_cohort_unless_the_transport_outlasts_a_cycle():
+    """Devices that draft ahead already draft while the target verifies: one cohort, whatever
+    the devices' load; a second only when the transport alone takes longer than a whole
+    verify + draft cycle, and back to one when it speeds up."""
+    control = DepthController(None, drafts_ahead=True)
+    assert control.depth == 1
+    for _ in range(6):  # in-process: the reply was drafted ahead, the exchange is ~nothing
+        control.observe(exchange_seconds=0.01, verify_seconds=0.3, draft_seconds=0.0, device_idle_seconds=0.5)
+    assert control.depth == 1
+    for _ in range(6):  # 0.4 s of latency per 0.5 s cycle: still one
+        control.observe(exchange_seconds=0.6, verify_seconds=0.3, draft_seconds=0.2)
+    assert control.depth == 1
+    for _ in range(6):  # 1.8 s of latency (a deployment round trip) per 0.5 s cycle: 1 + 3
+        control.observe(exchange_seconds=2.0, verify_seconds=0.3, draft_seconds=0.2)
+    assert control.depth == 4
+    for _ in range(6):
+        control.observe(exchange_seconds=0.01, verify_seconds=0.3, draft_seconds=0.0)
+    assert control.depth == 1
+
+
 def test_draft_client_reports_its_wait_between_requests():
     """``idle_seconds``: 0 for the first request, then the time since the previous reply."""
     import time as _time

@@ -118,5 +118,12 @@ def test_draft_client_drafts_ahead_in_the_background_and_reports_hits(draft):
     plain_reply, plain_metrics = plain.handle(request)
     _same_reply(reply, plain_reply)
     assert metrics.proactive_hits == 2 and plain_metrics.proactive_hits == 0
+    # what the device really spent since its first reply: the GAMMA + 1 batched forwards it drafted
+    # ahead (none at request time: the drafts were there), far more than serving the reply took
+    assert metrics.forward_steps == GAMMA + 1
+    assert metrics.compute_seconds > metrics.draft_seconds
+    # a device without drafting ahead drafts at request time: its compute is its drafting
+    assert plain_metrics.forward_steps >= GAMMA
+    assert plain_metrics.compute_seconds == pytest.approx(plain_metrics.draft_seconds)
     client.stop_ahead()
     assert client._ahead is None
