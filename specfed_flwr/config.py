@@ -107,11 +107,14 @@ class SpecFedConfig:
     misses per client in the summary). Exact in every mode: randomness is keyed by position"""
     pipeline_depth: str = "auto"
     """cohorts of active sequences in flight at once: while one cohort's drafts travel and devices
-    draft, the target verifies another. `1` = strict rounds; `auto` starts at 2 (one cohort verifies
-    while the other drafts) and adds cohorts to cover the transport's own latency: 2 + ceil(latency
-    / (verify + draft)), latency = exchange time minus drafting time (the least of the last 6
-    rounds), at most 4, and exactly 2 while the devices are saturated (their requests queue at
-    them). With a fixed depth a sampled output is reproducible run to run"""
+    draft, the target verifies another. `1` = strict rounds; `auto` with `draft-ahead` (the
+    default): 1 + floor(latency / (verify + draft)), i.e. one cohort (the devices draft the next
+    round during the verify; a second cohort would halve their batches and break their guesses)
+    unless the transport's own latency outlasts a whole cycle; without drafting ahead it starts at 2
+    (one cohort verifies while the other drafts) and adds cohorts to cover the latency: 2 +
+    ceil(latency / (verify + draft)), exactly 2 while the devices are saturated (their requests
+    queue at them). latency = exchange time minus drafting time (the least of the last 6 rounds); at
+    most 4. With a fixed depth a sampled output is reproducible run to run"""
     target_steps_while_waiting: Literal["auto", "on", "off"] = "auto"
     """when the server has nothing to verify or prefill and a round's drafts are late (before any
     round completed: the devices are prefilling; or past twice the recent median exchange: a slow or
