@@ -40,6 +40,8 @@ def summarize(
         "sequences": len(finished),
         "tokens": tokens,
         "rounds": len(rounds),
+        # the most cohorts in flight when a round was verified (``pipeline-depth``; auto varies it)
+        "pipeline_depth_max": max((r.pipeline_depth for r in rounds), default=None),
         "wall_seconds": wall_seconds,
         "tokens_per_s": tokens / wall_seconds if wall_seconds > 0 else None,
         "seconds_per_round": wall_seconds / len(rounds) if rounds else None,

@@ -157,8 +157,9 @@ def test_tiny_run_lists_both_deployment_runtimes(tiny_run):
     """--no-flower: one not-measured deployment record per ClientApp runtime, with the record fields."""
     out, md = tiny_run
     records = [r for r in json.loads((out / "results.json").read_text()) if r["engine"] == "flower-deployment"]
-    assert sorted((r["runtime"], r["pipelined"], r["standby_messages"]) for r in records) == [
-        ("persistent", False, False), ("persistent", False, True), ("persistent", True, True), ("stock", False, True)]
+    assert sorted((r["runtime"], r["pipelined"], r["standby_messages"], r["depth"] or 0) for r in records) == [
+        ("persistent", False, False, 0), ("persistent", False, True, 0), ("persistent", True, True, 0),
+        ("persistent", True, True, 2), ("stock", False, True, 0)]
     for r in records:
         assert r["round_s_median"] is None and r["reply_gap_s_median"] is None
     assert "Deployment engine: persistent device runtime vs stock" in md.read_text()
@@ -177,6 +178,10 @@ def test_deployment_comparison_judges_the_persistent_round() -> None:
     piped = deployment_comparison({"persistent-pipelined": {"reply_gap_s_median": 0.7}}, 4.0)
     assert piped["reply_gap_met"] is True
     assert deployment_comparison({"persistent-pipelined": {"reply_gap_s_median": 0.9}}, 4.0)["reply_gap_met"] is False
+    # with a two-cohort run beside the default one, the reply gap is judged on the two-cohort run
+    both = deployment_comparison({"persistent-pipelined": {"reply_gap_s_median": 3.0},
+                                  "persistent-pipelined-depth2": {"reply_gap_s_median": 0.7}}, 4.0)
+    assert both["reply_gap_met"] is True and both["reply_gap_run"] == "persistent-pipelined-depth2"
 
 
 @pytest.mark.flower

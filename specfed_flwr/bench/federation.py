@@ -112,8 +112,15 @@ def speculative(target: torch.nn.Module, prompts: list[list[int]], cfg: SpecFedC
     from ..inprocess import InProcessEngine
 
     engine = InProcessEngine(target, list(drafts), cfg, eos_token_ids=eos, transport=transport)
-    result, wall, cpu = _measured(lambda: engine.generate(prompts))
+    seen: list[tuple[float, Any]] = []  # (perf_counter, RoundReport) as each round was verified
+    started = time.perf_counter()
+    result, wall, cpu = _measured(lambda: engine.generate(prompts, on_round=lambda r: seen.append((time.perf_counter(), r))))
     tokens = result.metrics["tokens"]
+    # the two phases of a run: until the devices' first drafts were verified (they prefill every
+    # prompt first; the target prefills and decodes alone meanwhile), then the speculative rounds
+    first = next((t - started for t, r in seen if r.drafted > 0), None)
+    round_tokens = sum(r.emitted for t, r in seen if first is not None and t - started > first)
+    solo = result.metrics.get("target_steps_while_waiting") or {}
     depths = [r.pipeline_depth for r in result.rounds]
     seq_rounds = sum(r.active_sequences for r in result.rounds)
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "cpu_s_per_token": cpu / tokens,
@@ -123,7 +130,10 @@ def speculative(target: torch.nn.Module, prompts: list[list[int]], cfg: SpecFedC
             "pipeline_depth_median": statistics.median(depths) if depths else None,
             # what the (adaptive) rounds drafted: positions per sequence and round, and the gamma asked
             "drafted_per_sequence_round": result.metrics["drafted_positions"] / seq_rounds if seq_rounds else None,
-            "gamma_asked_median": median_gamma_asked(result.metrics.get("settings"))}
+            "gamma_asked_median": median_gamma_asked(result.metrics.get("settings")),
+            "first_drafts_s": first, "solo_tokens": solo.get("tokens"), "solo_seconds": solo.get("seconds"),
+            # tokens the rounds verified after the first drafts, per second of that phase
+            "rounds_phase_tokens_per_s": round_tokens / (wall - first) if first is not None and wall > first else None}
 
 
 def engine_config(vocab: int, concurrency: int, max_new_tokens: int, **extra: Any) -> SpecFedConfig:
@@ -185,7 +195,8 @@ def compare_engines(pair, prompts: list[list[int]], *, concurrencies: Sequence[i
                            "exact_match": _exact(m["outputs"], reference) if m is not baseline else 1.0,
                            "max_new_tokens": max_new_tokens, "prompts": len(work)}
                     for key in ("alpha", "tau", "rounds", "proactive_hits", "proactive_misses", "pipeline_depth_median",
-                                "cpu_s_per_token", "drafted_per_sequence_round", "gamma_asked_median"):
+                                "cpu_s_per_token", "drafted_per_sequence_round", "gamma_asked_median",
+                                "first_drafts_s", "solo_tokens", "solo_seconds", "rounds_phase_tokens_per_s"):
                         if key in m:
                             rec[key] = m[key]
                     rec.update(extra)
@@ -287,6 +298,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "proactive_misses": med("proactive_misses"), "alpha": med("alpha"), "tau": med("tau"),
             "pipeline_depth_median": med("pipeline_depth_median"),
             "drafted_per_sequence_round": med("drafted_per_sequence_round"),
-            "gamma_asked_median": med("gamma_asked_median"),
+            "gamma_asked_median": med("gamma_asked_median"), "wall_s": med("wall_s"),
+            "first_drafts_s": med("first_drafts_s"), "solo_tokens": med("solo_tokens"),
+            "solo_seconds": med("solo_seconds"), "rounds_phase_tokens_per_s": med("rounds_phase_tokens_per_s"),
+            "tokens": med("tokens"), "prompts": med("prompts"),
         }
     return out

@@ -119,9 +119,15 @@ def deployment_runtimes_section(cmp: Any) -> str:
     if not isinstance(cmp, dict):
         return (f"### Deployment engine: persistent device runtime vs stock\n\n{cmp}\n" if cmp else "")
     rows = []
-    for name in ("persistent", "persistent-no-standby", "stock", "persistent-pipelined"):
+    for name in ("persistent", "persistent-no-standby", "stock", "persistent-pipelined", "persistent-pipelined-depth2"):
         r = cmp.get(name)
+        if name.endswith("depth2") and not r:
+            continue  # a run made before this row existed
         runtime, pipelined = name.split("-")[0], "yes" if "pipelined" in name else "no"
+        if "pipelined" in name:
+            most = (r or {}).get("pipeline_depth_max")
+            pipelined += " (depth 2)" if name.endswith("depth2") else (
+                f" (auto, at most {most} in flight)" if most else " (auto)")
         standby = "off" if "no-standby" in name else ("–" if runtime == "stock" else "auto")
         if not r:
             rows.append([runtime, pipelined, standby, "failed / not measured", "–", "–", "–", "–"])
@@ -146,7 +152,7 @@ def deployment_runtimes_section(cmp: Any) -> str:
                    "shows that floor), and checks for the ClientApp's reply every 0.5 s." + _strict_split(cmp.get("persistent"))
                    + "\n")
     if cmp.get("reply_gap_met") is not None:
-        gap = cmp["persistent-pipelined"]["reply_gap_s_median"]
+        gap = cmp[cmp.get("reply_gap_run", "persistent-pipelined")]["reply_gap_s_median"]
         out.append(f"Target: with pipelined rounds, a median gap between a node's consecutive replies <= "
                    f"{cmp['target_reply_gap_s']:.1f} s: {gap:.2f} s, **{'met' if cmp['reply_gap_met'] else 'missed'}**. "
                    "With cohorts in flight the next message for a node can already be queued when it replies, and then "
@@ -169,10 +175,17 @@ def _strict_split(r: dict[str, Any] | None) -> str:
 
 def _contention(cmp: dict[str, Any]) -> str:
     """Why pipelined rounds are slower here: the verify shares the cores with the devices' drafting."""
-    pipe, strict = cmp.get("persistent-pipelined") or {}, cmp.get("persistent") or {}
+    pipe, strict = cmp.get(cmp.get("reply_gap_run", "persistent-pipelined")) or {}, cmp.get("persistent") or {}
+    auto = cmp.get("persistent-pipelined") or {}
+    note = ""
+    if cmp.get("reply_gap_run", "").endswith("depth2") and auto.get("reply_gap_s_median") is not None:
+        note = (f" The default (`pipeline-depth=auto`) run kept at most {auto.get('pipeline_depth_max') or '?'} "
+                f"cohort(s) in flight over its {auto.get('rounds')} rounds (devices that draft ahead get one until three "
+                f"rounds show the transport outlasting a whole cycle): reply gap {auto['reply_gap_s_median']:.2f} s, "
+                f"{fmt(auto.get('tokens_per_s'), '.2f')} tok/s against {fmt(pipe.get('tokens_per_s'), '.2f')} tok/s with two.")
     if not pipe.get("verify_s_per_round") or not strict.get("verify_s_per_round"):
-        return ""
-    return (f" In this run the target's verify took {pipe['verify_s_per_round']:.2f} s per round pipelined against "
+        return note
+    return note + (f" In this run the target's verify took {pipe['verify_s_per_round']:.2f} s per round pipelined against "
             f"{strict['verify_s_per_round']:.2f} s in strict rounds, although with cohorts in flight each verify covers "
             "fewer sequences: pipelined, it runs while both device runtimes draft, three busy processes on this "
             "machine's cores, so every step of the pipeline slows down and the next request is late. Devices on "

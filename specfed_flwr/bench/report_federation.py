@@ -109,39 +109,41 @@ def federation_section(fed: dict[str, Any], deployment: Any = None) -> str:
 
 
 def _federation_why(fed: dict[str, Any]) -> str:
-    """Why a split-layout target is missed, from this run's own numbers: with the server and the
-    devices on separate CPUs a pipelined run cannot go faster than the slower side. The devices
-    need gamma draft steps per round, the server one verify step, for tau tokens per sequence."""
-    steps = {(r["component"], r["batch"]): r for r in fed.get("steps") or []}
+    """Why a split-layout target is missed, from this run's own numbers. A run has two phases: until
+    the device's first drafts are verified (it prefills every prompt first, on its one CPU, while
+    the target prefills and decodes alone), then the speculative rounds. The first phase runs at
+    best at target-only speed, so a short answer (32 tokens) is bounded by how long it lasts."""
     engines = fed.get("engines") or {}
     lines = []
     for conc in (1, 4, 16):
         split = engines.get(f"emulated-federation/split/{conc}")
         base = engines.get(f"target-only/split/{conc}")
-        draft, verify = steps.get(("draft", conc)), steps.get(("verify", conc))
-        if not (split and base and draft and verify and split.get("tau")):
+        if not (split and base and split.get("first_drafts_s") is not None and split.get("wall_s")):
             continue
-        # the positions the run really drafted per sequence and round (adaptive gamma), else the step's
-        gamma = split.get("drafted_per_sequence_round") or draft.get("gamma", 4)
-        tau = split["tau"]
-        device_s = gamma * draft["step_ms"] / 1000.0  # one round of drafting for `conc` sequences
-        server_s = verify["step_ms"] / 1000.0  # measured at the step's gamma (4): a longer path costs a little more
-        ceiling = tau * conc / max(device_s, server_s)
-        asked = split.get("gamma_asked_median")
-        lines.append(
-            f"- concurrency {conc}: a round drafts {gamma:.1f} positions per sequence"
-            + (f" (adaptive, median gamma asked {asked:g})" if asked is not None else "")
-            + f" ({gamma:.1f} x {draft['step_ms']:.0f} ms "
-            f"= {device_s:.2f} s on the device CPU) and verifies them once ({server_s:.2f} s on the server CPU) for "
-            f"tau = {tau:.2f} tokens per sequence, so even a perfect pipeline makes at most {ceiling:.1f} tok/s "
-            f"({'device' if device_s >= server_s else 'server'}-bound), against {base['tokens_per_s']:.1f} tok/s "
-            f"target-only on one CPU: a ceiling of {ceiling / base['tokens_per_s']:.2f}x; measured "
-            f"{split['ratio_vs_target_only']:.2f}x.")
+        first, wall = split["first_drafts_s"], split["wall_s"]
+        rate = split.get("rounds_phase_tokens_per_s")
+        line = (f"- concurrency {conc}: the device's first drafts were verified after {first:.2f} s of the {wall:.2f} s "
+                f"run ({100 * first / wall:.0f}%)")
+        if split.get("solo_tokens") is not None:
+            line += (f"; over the whole run the target decoded {split['solo_tokens']:.0f} of {split.get('tokens', 0):.0f} "
+                     f"tokens alone while drafts were late ({split.get('solo_seconds') or 0:.2f} s)")
+        prompts = int(split.get("prompts") or 0)
+        if rate and prompts <= conc:
+            # every prompt started at once, so the phases are clean: after the first drafts, rounds only
+            line += (f". After the first drafts the rounds made {rate:.1f} tok/s, {rate / base['tokens_per_s']:.2f}x "
+                     f"target-only's {base['tokens_per_s']:.1f} tok/s on one CPU")
+        elif prompts > conc:
+            line += (f"; {prompts} prompts joined {conc} at a time, and the device prefilled each before its first "
+                     f"drafts")
+        lines.append(line + f"; the whole run {split['ratio_vs_target_only']:.2f}x.")
     if not lines:
         return ""
-    return ("Where the split layout stands, from this run's step costs (`stepcost`) and tau:\n\n" + "\n".join(lines)
-            + "\n\nThe draft of the default pair is the target's own 30-layer network in int4: one draft step costs "
-              "a large fraction of a target decode step on this CPU, so the devices' side bounds the federation. A "
-              "cheaper draft per token (fewer layers, a distilled model, a faster device) or a bigger target (a GPU "
-              "target with the same drafts) moves that ceiling; pipelining and drafting ahead only let the run "
-              "approach it.")
+    return ("Where the split layout stands, from this run's phases (medians of the repetitions):\n\n" + "\n".join(lines)
+            + "\n\nBefore a device drafts it prefills every prompt it is given, on its one CPU. The default draft is the "
+              "target's own 30-layer network in int4, so its prefill costs about what the target's does (int4 is "
+              "multiplied as dequantised float32 at prefill sizes), and with 32-token answers the prompts are a large "
+              "share of all the work: until the first drafts arrive the run is at best as fast as target-only. The "
+              "rounds after them are bounded by the device's draft step, itself a large fraction of a target step "
+              "for this pair. A draft that prefills and drafts cheaper per token (fewer layers, a distilled model, a "
+              "faster device), longer answers, or a bigger target (a GPU target with the same drafts) move these "
+              "ratios; pipelining and drafting ahead only let the run approach them.")

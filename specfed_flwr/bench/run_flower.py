@@ -105,14 +105,16 @@ def reply_gaps(reply_times: dict[str, list[float]]) -> list[float]:
 
 def run_deployment(pair: "ModelPair", prompts: list[list[int]], *, clients: int, concurrency: int, max_new_tokens: int,
                    references=None, device: str = "auto", timeout: float = 900.0,
-                   runtime: str = "persistent", pipelined: bool = False, standby: bool = True) -> dict[str, Any]:
+                   runtime: str = "persistent", pipelined: bool = False, standby: bool = True,
+                   depth: int | None = None) -> dict[str, Any]:
     """The same app on Flower's DEPLOYMENT engine: ``launch.start_deployment_stack`` (a real SuperLink,
     ``clients`` real SuperNodes) and ``flwr run``, with ``runtime="persistent"`` (one ``specfed-flwr
     device-runtime`` per SuperNode: one warm ClientApp process for all messages) or ``"stock"``
     (Flower's new ``flwr-clientapp`` process per message, SuperExec poll 0.1 s). ``pipelined`` False:
     strict rounds (``pipeline-depth=1``, no drafting ahead: the next round's messages go out after
     every reply of this one is in); True: the run config's defaults (cohorts in flight, drafting ahead).
-    ``standby``: ``standby-messages`` auto (the default) or off.
+    ``standby``: ``standby-messages`` auto (the default) or off. ``depth``: a fixed ``pipeline-depth``
+    for a pipelined run (None: the default, auto).
 
     ``round_s_median``: median wall time of one round as the ServerApp measured it (push, wait for the
     replies, verify, commit); ``reply_gap_s_median``: median gap between a node's consecutive replies.
@@ -130,12 +132,13 @@ def run_deployment(pair: "ModelPair", prompts: list[list[int]], *, clients: int,
         run_cfg = _run_config(pair, clients=clients, concurrency=concurrency, max_new_tokens=max_new_tokens,
                               device=device, pipelined=pipelined, prompts=str(prompt_file), results=str(results),
                               **{"round-timeout": 120.0, "node-wait-timeout": 120.0,
-                                 "standby-messages": "auto" if standby else "off"})
+                                 "standby-messages": "auto" if standby else "off",
+                                 **({"pipeline-depth": str(depth)} if pipelined and depth else {})})
         summary, records, times = _run_on_stack(root, run_cfg, results, clients=clients, runtime=runtime,
                                                 log_dir=tmp_p / "logs", timeout=timeout)
     outputs = [r["token_ids"] for r in sorted(records, key=lambda r: r["index"])]
     rec = _deployment_record(summary, clients=clients, concurrency=concurrency)
-    rec.update({"runtime": runtime, "pipelined": pipelined, "standby_messages": standby, **times,
+    rec.update({"runtime": runtime, "pipelined": pipelined, "standby_messages": standby, "depth": depth, **times,
                 "exact_match": exact_match(outputs, references)})
     return rec
 
@@ -184,6 +187,7 @@ def _deployment_record(summary: dict[str, Any], *, clients: int, concurrency: in
         "clientapp_processes_per_node": {n: len(c) for n, c in (summary.get("reply_pids") or {}).items()},
         "server_poll_s": summary.get("poll_interval"),
         "standby_sent": (summary.get("standby") or {}).get("sent", 0),
+        "pipeline_depth_max": summary.get("pipeline_depth_max"),
         "standby_median_hold_s": (summary.get("standby") or {}).get("median_hold_s"),
         "k": BASE["k"], "reconstruction": BASE["reconstruction"], "draft_sampling": "sparse", "gamma": BASE["gamma"],
         "clients": clients, "concurrency": concurrency, "mode": "collaborative", "temperature": 0.0,
