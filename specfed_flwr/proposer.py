@@ -68,6 +68,7 @@ import torch
 
 from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, check_supported, forward_with_cache,
                       rollback_cache, supports_padded_batching)
+from .prefill_groups import split_by_length
 from .randomness import DRAFT, counter_uniforms, inverse_cdf, sequence_key
 from .sampling import SamplingSettings, seen_mask, warped_probs
 from .wire import DraftReply, code_table, make_reply, quantize_probs, slot_allowance
@@ -435,6 +436,7 @@ class HFDraftProposer(DraftProposer):
         joint = key is not None
         if (self.batched and len(todo) > 1
                 and all(cache_is_batchable(states[i].cache) for i in todo)):
+            self._prefill_grouped([states[i] for i in todo])
             got = self._extend_padded([seq_ids[i] for i in todo], [states[i] for i in todo],
                                       [counts[i] for i in todo], stop, joint)
         else:
@@ -515,6 +517,25 @@ class HFDraftProposer(DraftProposer):
             if budget is not None:
                 carry = max(0.0, budget - spent)
         return count
+
+    @torch.inference_mode()
+    def _prefill_grouped(self, states: list[_SequenceState]) -> None:
+        """Feed the rows with several tokens pending (new prompts) all but their last one, in two
+        groups of similar length when that pads much less (``prefill_groups``); the draft steps
+        then feed one token per row. One group: nothing here, the first draft step feeds it all."""
+        rows = [st for st in states if len(st.tokens) - st.cache_len >= 2]
+        groups = split_by_length([len(st.tokens) - st.cache_len - 1 for st in rows]) if len(rows) > 1 else []
+        if len(groups) < 2:
+            return
+        for group in groups:
+            members = [rows[i] for i in group]
+            feed = [st.tokens[st.cache_len:-1] for st in members]
+            batch = PaddedBatch([st.cache for st in members], [st.cache_len for st in members], device=self.device,
+                                reserve=max(len(f) for f in feed))
+            batch.step(self.model, feed, [[] for _ in members])
+            self.forward_calls += 1
+            for i, st in enumerate(members):
+                st.cache, st.cache_len = batch.row_cache(i), batch.row_length(i)
 
     @torch.inference_mode()
     def _extend_padded(self, seq_ids: list[int], states: list[_SequenceState], counts: list[int],

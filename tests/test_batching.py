@@ -209,6 +209,46 @@ def test_batched_propose_equals_per_sequence(draft, temperature, sampling):
     assert batched.forward_calls < looped.forward_calls
 
 
+@pytest.mark.parametrize("temperature,sampling", [(0.0, "sparse"), (1.0, "sparse")])
+def test_prompts_prefilled_in_length_groups_draft_what_one_sequence_at_a_time_does(draft, temperature, sampling,
+                                                                                   monkeypatch):
+    """With the grouping thresholds at zero every batched prefill of new prompts is split in two
+    groups of similar length (``prefill_groups``); the replies still equal the per-sequence loop's."""
+    import specfed_flwr.prefill_groups as groups
+
+    monkeypatch.setattr(groups, "MIN_SAVED_FRACTION", 0.0)
+    monkeypatch.setattr(groups, "MIN_SAVED_POSITIONS", 0)
+    splits = []
+    real = groups.split_by_length
+
+    def spy(lengths, **kwargs):
+        out = real(lengths, **kwargs)
+        splits.append(len(out))
+        return out
+
+    monkeypatch.setattr("specfed_flwr.proposer.split_by_length", spy)
+    _drive_proposers(draft, temperature, sampling)
+    assert 2 in splits  # some prefill really went in two groups
+
+
+def test_split_by_length_groups_similar_lengths_only_when_it_saves_enough():
+    from specfed_flwr.prefill_groups import split_by_length
+
+    shipped = [46, 44, 72, 37] * 4  # the shipped prompts at concurrency 16: 1152 padded, 840 in two groups
+    a, b = split_by_length(shipped)
+    assert sorted(a + b) == list(range(16)) and {shipped[i] for i in b} == {72} and max(shipped[i] for i in a) == 46
+    assert split_by_length([40, 41, 42, 44]) == [[0, 1, 2, 3]]  # nothing worth a second forward
+    assert split_by_length([5, 300], min_positions=0) == [[0], [1]]
+    assert split_by_length([7]) == [[0]] and split_by_length([]) == [[]]
+    # never worse than one padded forward, whatever the lengths
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 200) for _ in range(rng.randint(2, 20))]
+        parts = split_by_length(lengths, min_fraction=0.0, min_positions=0)
+        assert sorted(i for p in parts for i in p) == list(range(len(lengths)))
+        assert sum(len(p) * max(lengths[i] for i in p) for p in parts) <= len(lengths) * max(lengths)
+
+
 def test_padded_batch_row_caches_have_no_padding(target):
     """``row_cache`` returns exactly each row's own positions, contiguous or not."""
     rows = [[1, 2, 3, 4, 5], [6], [7, 8, 9]]
