@@ -47,7 +47,10 @@ def _run(tmp_path, faults, prompts, num_supernodes=4, **overrides):
     cfg = {"target": "tiny:0", "draft": "tiny:0", "draft-quantization": "none", "device": "cpu",
            "chat-template": False, "results": str(results), "max-new-tokens": 10, "max-active-sequences": 4,
            "round-timeout": ROUND_TIMEOUT, "handshake-timeout": 60.0, "min-nodes": num_supernodes,
-           "max-missed-rounds": 2, "rejoin-after-rounds": 3, "weight-ema": 0.7}
+           "max-missed-rounds": 2, "rejoin-after-rounds": 3, "weight-ema": 0.7,
+           # two cohorts: enough rounds in 10 tokens for every fault to show (crash on the 3rd request,
+           # deselection, probes); auto keeps one cohort while the devices draft ahead
+           "pipeline-depth": "2"}
     cfg.update(overrides)
     server_app = make_server_app(cfg, prompts=prompts, on_result=lambda r: captured.update(r=r))
     client_app = make_fault_client_app(faults, crash_round=3, slow_seconds=ROUND_TIMEOUT + 0.4, vocab_size=VOCAB)
