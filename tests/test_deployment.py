@@ -187,8 +187,11 @@ def _fault_run(tmp_path: Path, kill: list[str], restart: bool = False, **overrid
     Returns the summary, process name -> node id, the run log and the killed/restarted pids."""
     prompts = _prompts(12, seed=5)
     # by default a dead device is dropped after one missed round and not probed again in this short run
+    # two cohorts in flight: rounds come often enough for a restarted runtime to meet a probe before
+    # the run ends (auto keeps one cohort while devices draft ahead: fewer, longer rounds)
     cfg = _run_config(tmp_path, prompts, **{"max-active-sequences": 4, "round-timeout": 15.0,
-                                            "max-missed-rounds": 1, "rejoin-after-rounds": 50, **overrides})
+                                            "max-missed-rounds": 1, "rejoin-after-rounds": 50,
+                                            "pipeline-depth": "2", **overrides})
     stack = _start(tmp_path)
     pids: set[int] = set()
     killed: list[int] = []
