@@ -101,7 +101,9 @@ class ClientSettings:
         compute, steps = float(device.get("compute_seconds", 0.0)), int(device.get("forward_steps", -1))
         if steps > 0 and compute > draft_seconds + 1e-3:
             controller.config.drafts_ahead = True
-        if controller.config.drafts_ahead and steps > 0:
+        if prefilled and client in self._decoded:
+            timing = {}
+        elif controller.config.drafts_ahead and steps > 0:
             timing = {"round_cost": max(server_seconds + max(wall_seconds - draft_seconds, 0.0), 1e-4),
                       "draft_time_per_token": compute / steps}
         else:
@@ -110,8 +112,6 @@ class ClientSettings:
             steps_drafted = int(reply.lengths.max()) if positions else 0
             timing = {"round_cost": max(wall_seconds - draft_seconds, 1e-4),
                       "draft_time_per_token": draft_seconds / steps_drafted if steps_drafted else None}
-        if prefilled and client in self._decoded:
-            timing = {}
         controller.update(
             alpha=agreement,
             **timing,

@@ -120,8 +120,7 @@ class DepthController:
     def __init__(self, fixed: int | None, *, drafts_ahead: bool = False):
         self.fixed = fixed
         self.drafts_ahead = bool(drafts_ahead)
-        self.start = 1 if self.drafts_ahead else AUTO_START_DEPTH
-        self.depth = fixed if fixed is not None else self.start
+        self.depth = fixed if fixed is not None else (1 if self.drafts_ahead else AUTO_START_DEPTH)
         self._exchange: list[float] = []
         self._verify: list[float] = []
         self._idle: list[float] = []
