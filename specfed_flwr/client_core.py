@@ -40,11 +40,17 @@ class DraftMetrics:
     # draft_seconds alone hides when the drafts were made ahead (the adaptive controller's ``a``)
     compute_seconds: float = 0.0
     forward_steps: int = -1
+    # of those forwards, the ones that fed a prompt (or a long delta) and their seconds: prompt work,
+    # which the controller takes out of the draft step cost (``proposer.PREFILL_TOKENS``)
+    prefill_seconds: float = 0.0
+    prefill_forwards: int = 0
 
     def as_dict(self) -> dict[str, float | int]:
         return {
             "compute_seconds": self.compute_seconds,
             "forward_steps": self.forward_steps,
+            "prefill_seconds": self.prefill_seconds,
+            "prefill_forwards": self.prefill_forwards,
             "draft_seconds": self.draft_seconds,
             "positions": self.positions,
             "uplink_bytes": self.uplink_bytes,
@@ -82,6 +88,7 @@ class DraftClient:
         self._last_reply: float | None = None  # perf_counter() when the previous reply was ready
         self._ahead_seconds = 0.0  # drafting ahead since the previous reply (``DraftMetrics.compute_seconds``)
         self._steps_mark = self._forward_calls()  # the proposer's forward count at the previous reply
+        self._prefill_mark = self._prefill_work()  # and its prefill (forwards, seconds) then
 
     def handle(self, request: DraftRequest) -> tuple[DraftReply, DraftMetrics]:
         arrived = time.perf_counter()
@@ -116,6 +123,7 @@ class DraftClient:
             elapsed = time.perf_counter() - start
             after = self.proposer.stats
             steps_now = self._forward_calls()
+            prefill_now = self._prefill_work()
         # forwards since the previous reply: those drafting ahead and those for this reply
         steps = -1 if steps_now is None or self._steps_mark is None else steps_now - self._steps_mark
         compute, self._ahead_seconds = elapsed + self._ahead_seconds, 0.0
@@ -129,8 +137,10 @@ class DraftClient:
             idle_seconds=idle,
             compute_seconds=compute,
             forward_steps=steps,
+            prefill_forwards=prefill_now[0] - self._prefill_mark[0],
+            prefill_seconds=prefill_now[1] - self._prefill_mark[1],
         )
-        self._steps_mark = steps_now
+        self._steps_mark, self._prefill_mark = steps_now, prefill_now
         if self.draft_ahead:
             rows = [int(s) for s, g in zip(request.seq_ids.tolist(), gammas) if g > 0]
             if rows:
@@ -155,6 +165,12 @@ class DraftClient:
     def _forward_calls(self) -> int | None:
         calls = getattr(self.proposer, "forward_calls", None)
         return int(calls) if isinstance(calls, int) else None
+
+    def _prefill_work(self) -> tuple[int, float]:
+        """The proposer's prefill forwards and seconds so far ((0, 0.0) if it does not count them)."""
+        forwards, seconds = getattr(self.proposer, "prefill_forwards", 0), getattr(self.proposer, "prefill_seconds", 0.0)
+        ok = isinstance(forwards, int) and isinstance(seconds, float)
+        return (forwards, seconds) if ok else (0, 0.0)
 
     def stop_ahead(self) -> None:
         """Stop drafting ahead (at the next forward boundary) and wait for it."""

@@ -79,10 +79,12 @@ class ClientSettings:
 
         ``wall_seconds``: the round as the transport saw it (with cohorts in flight, that cohort's own
         exchange). A round in which the client received a whole sequence (start 0) also prefilled
-        that prompt on the device and on the target, which inflates both times. Such a round's times
-        are used only while nothing better is known (a provisional estimate that errs towards short
-        drafts, where the priors, made for fast devices, err towards long ones: a gamma-8 round on
-        a CPU device); the first decoding round's times replace them, and later prefill rounds
+        that prompt on the device and on the target, which inflates both times. A device that
+        reports its prefill forwards (``prefill_seconds``, ``prefill_forwards``) has them taken out
+        of its draft step cost (left in, the prompt's cost read as a draft step costing 5x its real
+        cost and sent the next rounds to gamma 1); a device that does not report them leaves an
+        estimate that errs towards short drafts. Such a round's times are used only while nothing
+        better is known: the first decoding round's times replace them, and later prefill rounds
         give no timing.
 
         ``device``: the client's own metrics. One that shows drafting ahead (``compute_seconds``
@@ -99,19 +101,25 @@ class ClientSettings:
             self._decoded.add(client)
         device = device or {}
         compute, steps = float(device.get("compute_seconds", 0.0)), int(device.get("forward_steps", -1))
+        prefill_s, prefill_n = float(device.get("prefill_seconds", 0.0)), int(device.get("prefill_forwards", 0))
         if steps > 0 and compute > draft_seconds + 1e-3:
             controller.config.drafts_ahead = True
         if prefilled and client in self._decoded:
             timing = {}
         elif controller.config.drafts_ahead and steps > 0:
+            drafting = steps - prefill_n
             timing = {"round_cost": max(server_seconds + max(wall_seconds - draft_seconds, 0.0), 1e-4),
-                      "draft_time_per_token": compute / steps}
+                      "draft_time_per_token": max(compute - prefill_s, 0.0) / drafting if drafting > 0 else None}
         else:
             # a = one draft step for the whole batch: the rows draft side by side, so a reply of
-            # B rows x gamma positions took gamma steps (not B x gamma)
+            # B rows x gamma positions took gamma steps (not B x gamma); forwards that fed prompts
+            # are not draft steps (a device that counts its forwards says how many there were)
             steps_drafted = int(reply.lengths.max()) if positions else 0
+            if steps >= 0 and prefill_n:
+                steps_drafted = min(steps_drafted, steps - prefill_n)
             timing = {"round_cost": max(wall_seconds - draft_seconds, 1e-4),
-                      "draft_time_per_token": draft_seconds / steps_drafted if steps_drafted else None}
+                      "draft_time_per_token": (max(draft_seconds - prefill_s, 0.0) / steps_drafted
+                                               if steps_drafted > 0 else None)}
         controller.update(
             alpha=agreement,
             **timing,

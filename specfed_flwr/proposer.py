@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import abc
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -74,6 +75,9 @@ from .sampling import SamplingSettings, seen_mask, warped_probs
 from .wire import DraftReply, code_table, make_reply, quantize_probs, slot_allowance
 
 _FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
+#: a forward that feeds some row at least this many tokens is counted as prefill (a prompt, or a
+#: long delta the device catches up on), not as a draft step: its cost grows with those tokens
+PREFILL_TOKENS = 8
 #: a row whose missing mass 1 - S is at most this gets no more slots from the water-filling
 ONE_HOT_MISSING = 2.0 ** -10
 _CODE_TABLE_T = torch.from_numpy(code_table().astype(np.float32))  # [256] the wire's dequantised values
@@ -297,6 +301,10 @@ class HFDraftProposer(DraftProposer):
         self.batched = bool(batched) and supports_padded_batching(model)
         self._states: dict[int, _SequenceState] = {}
         self.forward_calls = 0
+        # forwards that fed some row at least PREFILL_TOKENS tokens (a prompt, or a long catch-up
+        # delta) and their seconds: work of a new prompt, not of drafting (``DraftMetrics``)
+        self.prefill_forwards = 0
+        self.prefill_seconds = 0.0
         self._stats = {"proactive_hits": 0, "proactive_misses": 0, "proactive_positions": 0}
 
     @property
@@ -509,14 +517,22 @@ class HFDraftProposer(DraftProposer):
             pending = torch.tensor([state.tokens[state.cache_len:]], dtype=torch.long, device=self.device)
             # only the last position's distribution is needed: skip the vocabulary-sized head elsewhere
             keep = {"logits_to_keep": 1} if pending.shape[1] > 1 and accepts_logits_to_keep(self.model) else {}
+            started = time.perf_counter()
             out, state.cache = forward_with_cache(self.model, state.cache, input_ids=pending, **keep)
-            self.forward_calls += 1
+            self._count_forward(started, prefill=pending.shape[1] >= PREFILL_TOKENS)
             state.cache_len = len(state.tokens)
             budget = None if allowance is None else allowance + carry
             _, spent = self._sample([seq_id], [state], out.logits[:, -1], budget)
             if budget is not None:
                 carry = max(0.0, budget - spent)
         return count
+
+    def _count_forward(self, started: float, *, prefill: bool) -> None:
+        """Count one forward that began at ``started`` (``prefill``: it fed a prompt)."""
+        self.forward_calls += 1
+        if prefill:
+            self.prefill_forwards += 1
+            self.prefill_seconds += time.perf_counter() - started
 
     @torch.inference_mode()
     def _prefill_grouped(self, states: list[_SequenceState]) -> None:
@@ -532,8 +548,9 @@ class HFDraftProposer(DraftProposer):
             feed = [st.tokens[st.cache_len:-1] for st in members]
             batch = PaddedBatch([st.cache for st in members], [st.cache_len for st in members], device=self.device,
                                 reserve=max(len(f) for f in feed))
+            started = time.perf_counter()
             batch.step(self.model, feed, [[] for _ in members])
-            self.forward_calls += 1
+            self._count_forward(started, prefill=True)  # drafts nothing: all of it is the prompts' work
             for i, st in enumerate(members):
                 st.cache, st.cache_len = batch.row_cache(i), batch.row_length(i)
 
@@ -561,8 +578,10 @@ class HFDraftProposer(DraftProposer):
                 break
             live = [i for i, toks in enumerate(feed) if toks]
             keep = [[len(toks) - 1] if toks else [] for toks in feed]
+            started = time.perf_counter()
+            widest = max(len(toks) for toks in feed)
             logits = batch.step(self.model, feed, keep)  # [B, 1, V]
-            self.forward_calls += 1
+            self._count_forward(started, prefill=widest >= PREFILL_TOKENS)
             live_t = torch.tensor(live, dtype=torch.long)
             budget = None if allowance is None else allowance * len(live) + carry
             tokens, spent = self._sample([seq_ids[i] for i in live], [states[i] for i in live], logits[live_t, 0], budget)

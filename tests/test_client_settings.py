@@ -50,6 +50,26 @@ def test_prefill_timing_is_provisional_and_the_first_decoding_round_replaces_it(
     assert c.draft_time_per_token == pytest.approx((1 - ema) * 0.1 + ema * 0.2)
 
 
+def test_a_prefill_round_reported_by_the_device_costs_only_its_draft_steps() -> None:
+    """The device says which forwards fed its prompts: a 4-position reply whose first forward
+    prefilled (2.0 s of 2.3 s) drafted its other 3 positions in 0.3 s, so a step costs 0.1 s, not
+    the 0.575 s of the whole time over 4 positions (which sends the next rounds to gamma 1)."""
+    cfg = SpecFedConfig(adaptive=True, draft_length=4, top_k=4, max_k=8, max_gamma=16)
+    told, untold = ClientSettings(cfg, V), ClientSettings(cfg, V)
+    prefill = {"compute_seconds": 2.3, "forward_steps": 4, "prefill_seconds": 2.0, "prefill_forwards": 1}
+    told.observe("a", _request(0), _reply(), draft_seconds=2.3, wall_seconds=2.5, agreement=0.9, device=prefill)
+    untold.observe("a", _request(0), _reply(), draft_seconds=2.3, wall_seconds=2.5, agreement=0.9,
+                   device={"compute_seconds": 2.3, "forward_steps": 4})
+    assert told.controller("a").draft_time_per_token == pytest.approx(0.1)
+    assert untold.controller("a").draft_time_per_token == pytest.approx(2.3 / 4)
+    assert told.for_client("a")[0] > untold.for_client("a")[0]
+    # prompts prefilled in forwards of their own (length groups) leave all 4 positions as steps
+    grouped = ClientSettings(cfg, V)
+    grouped.observe("a", _request(0), _reply(), draft_seconds=2.4, wall_seconds=2.5, agreement=0.9,
+                    device={"compute_seconds": 2.4, "forward_steps": 6, "prefill_seconds": 2.0, "prefill_forwards": 2})
+    assert grouped.controller("a").draft_time_per_token == pytest.approx(0.1)
+
+
 def test_adaptive_gamma_stays_within_the_caps() -> None:
     s = ClientSettings(SpecFedConfig(adaptive=True, draft_length=4, top_k=4, max_k=8, max_gamma=6), V)
     for _ in range(5):  # cheap drafts, costly rounds, every draft agreed: as long as allowed

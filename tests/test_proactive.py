@@ -127,3 +127,22 @@ def test_draft_client_drafts_ahead_in_the_background_and_reports_hits(draft):
     assert plain_metrics.compute_seconds == pytest.approx(plain_metrics.draft_seconds)
     client.stop_ahead()
     assert client._ahead is None
+
+
+def test_prompt_forwards_are_reported_as_prefill_not_as_draft_steps(draft):
+    """A request with new prompts of PREFILL_TOKENS tokens or more spends forwards feeding them; the
+    device reports those apart (the controller takes them out of its draft step cost), and a
+    decoding request reports none."""
+    from specfed_flwr.proposer import PREFILL_TOKENS
+
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, VOCAB, size=PREFILL_TOKENS + 4).tolist() for _ in range(2)]
+    client = DraftClient(HFDraftProposer(draft))
+    entries = [(s, 0, p, GAMMA) for s, p in enumerate(prompts)]
+    reply, metrics = client.handle(DraftRequest.build(entries, k=8, temperature=0.0, sampling="sparse", seed=0,
+                                                      round=1))
+    assert metrics.prefill_forwards == 1 and 0 < metrics.prefill_seconds < metrics.draft_seconds
+    assert metrics.forward_steps == GAMMA  # the prompt forward also drafted the first position
+    entries = [(s, len(p), reply.token_ids[s, :2, 0].tolist(), GAMMA) for s, p in enumerate(prompts)]
+    _, metrics = client.handle(DraftRequest.build(entries, k=8, temperature=0.0, sampling="sparse", seed=0, round=2))
+    assert metrics.prefill_forwards == 0 and metrics.prefill_seconds == 0.0
