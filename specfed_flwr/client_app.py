@@ -36,6 +36,9 @@ STANDBY_HOLD_LIMIT_S = 5.0
 app = ClientApp()
 log = logging.getLogger("specfed_flwr")
 _warned = False
+#: (run, node) -> time.monotonic() when this process answered that node's last standby; the next
+#: draft request's arrival measures the gap the server needs to judge its hold (``standby_gap_s``)
+_standby_answered: dict[tuple[int, int], float] = {}
 
 
 def _warn_in_process_load() -> None:
@@ -72,15 +75,24 @@ def handshake(message: Message, context: Context) -> Message:
 def draft(message: Message, context: Context) -> Message:
     from .device import RUNTIME, node_settings
 
+    arrived = time.monotonic()
+    key = _key(message, context)
     request, server_cfg = request_from_content(message.content)
     _warn_in_process_load()
-    reply, metrics = RUNTIME.draft(_key(message, context), node_settings(server_cfg, context.node_config), request)
+    reply, metrics = RUNTIME.draft(key, node_settings(server_cfg, context.node_config), request)
+    answered = _standby_answered.pop(key, None)
+    if answered is not None:
+        # from this node's standby answer to this request: ~0.5 s when the request was already
+        # queued, the SuperNode's 3 s idle sleep and more when the hold ended too early
+        metrics = {**metrics, "standby_gap_s": arrived - answered}
     return Message(reply_content(reply, metrics), reply_to=message)
 
 
 @app.query("standby")
-def standby(message: Message, context: Context) -> Message:  # noqa: ARG001 - Flower's handler signature
+def standby(message: Message, context: Context | None) -> Message:
     hold = float(message.content.config_records["standby"]["hold_s"])
     hold = min(max(hold, 0.0), STANDBY_HOLD_LIMIT_S) if hold == hold else 0.0  # NaN holds nothing
     time.sleep(hold)
+    if context is not None:
+        _standby_answered[_key(message, context)] = time.monotonic()
     return Message(RecordDict({"standby": ConfigRecord({"held_s": hold})}), reply_to=message)

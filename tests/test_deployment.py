@@ -142,6 +142,7 @@ def test_deployment_greedy_equals_target_and_simulation(tmp_path: Path) -> None:
     # auto: at least the first request of each node had nothing queued behind it)
     standby = summary["standby"]
     assert standby["nodes"] == sorted(str(n) for n in stack.node_ids) and standby["sent"] >= 2, standby
+    assert 0 <= standby["slept"] <= standby["sent"], standby  # devices report the gap after each standby
     for log, n in zip(runtime_logs, stack.node_ids):
         drafts = summary["clients"][str(n)]["rounds_replied"] + 1  # + the handshake
         tasks = log.count("): completed in")  # each message served once: drafts, then the standbys it got

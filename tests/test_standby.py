@@ -68,6 +68,19 @@ def test_hold_is_the_median_turnaround_plus_margin_clamped() -> None:
     assert fast.plan(["1"], now=1.0)["1"] == max(MIN_HOLD_S, TRANSIT_MARGIN_S)
 
 
+def test_sleeps_the_devices_report_are_counted() -> None:
+    """A device reports, with a draft reply that followed a standby, the gap from its standby answer
+    to the request: the SuperNode's reply check when the request was queued, its 3 s sleep when not."""
+    planner = StandbyPlanner({"1"})
+    planner.plan(["1"], now=0.0)
+    planner.delivered("1", now=1.0)  # no standby before this request: nothing to judge
+    planner.plan(["1"], now=1.5)
+    planner.delivered("1", now=3.0, standby_gap=0.4)
+    planner.plan(["1"], now=3.5)
+    planner.delivered("1", now=8.0, standby_gap=3.3)
+    assert planner.slept == 1 and planner.stats()["slept"] == 1
+
+
 def test_a_request_closed_unanswered_reopens_the_node() -> None:
     planner = StandbyPlanner({"1"})
     planner.plan(["1"], now=0.0)
@@ -137,6 +150,26 @@ def test_transport_queues_a_standby_behind_the_request_and_drops_its_reply(flowe
     assert grid.pull_calls == []
 
 
+def test_transport_hands_the_reported_standby_gap_to_the_planner(flower_task_identity) -> None:
+    from flwr.app import MetricRecord
+
+    class GapGrid(EchoGrid):
+        def push_messages(self, messages):
+            ids = super().push_messages(messages)
+            for i, m in enumerate(self.inbox):
+                if m.metadata.message_type == "query.draft":
+                    self.inbox[i] = Message(RecordDict({"metrics": MetricRecord({"standby_gap_s": 3.2})}),
+                                            reply_to=self.pushed[i])
+            return ids
+
+    grid = GapGrid()
+    planner = StandbyPlanner({"1"})
+    transport = GridTransport(grid, _configure, lambda requests, raw: raw, 0.01, standby=planner)
+    flight = transport.push(_plan(1, ["1"]), timeout=5.0)
+    transport.pull([flight])
+    assert set(flight.raw) == {"1"} and planner.slept == 1
+
+
 def test_transport_without_a_planner_sends_no_standby(flower_task_identity) -> None:
     grid = EchoGrid()
     transport = GridTransport(grid, _configure, lambda requests, raw: raw, 0.01)
@@ -159,6 +192,22 @@ def test_client_holds_the_standby_then_answers_it(flower_task_identity, asked, h
     elapsed = time.perf_counter() - started
     assert reply.content.config_records["standby"]["held_s"] == held
     assert held <= elapsed < held + 0.5
+
+
+def test_client_measures_the_gap_from_its_standby_answer(flower_task_identity, monkeypatch) -> None:
+    """The handler notes when it answered a node's standby; the node's next draft request reports
+    the time since (``standby_gap_s``)."""
+    from types import SimpleNamespace
+
+    from specfed_flwr import client_app
+
+    monkeypatch.setattr(client_app, "_standby_answered", {})
+    message = Message(RecordDict({"standby": ConfigRecord({"hold_s": 0.0})}), dst_node_id=1,
+                      message_type=STANDBY_MESSAGE, group_id="1")
+    message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    client_app.standby(message, context=SimpleNamespace(node_id=1))
+    (key, answered), = client_app._standby_answered.items()
+    assert key == (int(message.metadata.run_id), 1) and answered <= time.monotonic()
 
 
 def test_client_caps_a_huge_hold(flower_task_identity, monkeypatch) -> None:

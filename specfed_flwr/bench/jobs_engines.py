@@ -222,7 +222,7 @@ def deployment_comparison(measured: dict[str, dict[str, Any]], target_s: float) 
         out[runtime] = {k: r.get(k) for k in ("round_s_median", "reply_gap_s_median", "rounds", "tokens_per_s",
                                                "clientapp_processes_per_node", "draft_loads", "exact_match",
                                                "pipelined", "proactive_hits", "proactive_misses",
-                                               "standby_messages", "standby_sent", "standby_median_hold_s",
+                                               "standby_messages", "standby_sent", "standby_slept", "standby_median_hold_s",
                                                "verify_s_per_round", "draft_max_s_per_round", "concurrency", "gamma",
                                                "depth", "pipeline_depth_max")}
     # the reply gap is judged with cohorts in flight (two), where a node's next message can be queued

@@ -134,7 +134,8 @@ def deployment_runtimes_section(cmp: Any) -> str:
             continue
         procs = r.get("clientapp_processes_per_node") or {}
         if r.get("standby_sent"):
-            standby += f" ({r['standby_sent']} sent, hold {fmt(r.get('standby_median_hold_s'), '.2f')} s)"
+            slept = f", {r['standby_slept']} slept anyway" if r.get("standby_slept") is not None else ""
+            standby += f" ({r['standby_sent']} sent{slept}, hold {fmt(r.get('standby_median_hold_s'), '.2f')} s)"
         rows.append([runtime, pipelined, standby, fmt(r.get("round_s_median"), ".2f"),
                      fmt(r.get("reply_gap_s_median"), ".2f"), fmt(r.get("tokens_per_s"), ".2f"), fmt(r.get("rounds")),
                      ", ".join(str(v) for v in procs.values()) or "–"])

@@ -187,6 +187,8 @@ def _deployment_record(summary: dict[str, Any], *, clients: int, concurrency: in
         "clientapp_processes_per_node": {n: len(c) for n, c in (summary.get("reply_pids") or {}).items()},
         "server_poll_s": summary.get("poll_interval"),
         "standby_sent": (summary.get("standby") or {}).get("sent", 0),
+        # standbys after which the node's SuperNode slept anyway: the hold ended before the next request
+        "standby_slept": (summary.get("standby") or {}).get("slept"),
         "pipeline_depth_max": summary.get("pipeline_depth_max"),
         "standby_median_hold_s": (summary.get("standby") or {}).get("median_hold_s"),
         "k": BASE["k"], "reconstruction": BASE["reconstruction"], "draft_sampling": "sparse", "gamma": BASE["gamma"],

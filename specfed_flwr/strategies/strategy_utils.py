@@ -60,6 +60,16 @@ def error_reply_fault(message: Message, deadline_s: float, what: str = "round") 
     return Fault(FaultKind.ERROR_REPLY, f"error reply from the device: {short_reason(message.error.reason)}")
 
 
+def _standby_gap(reply: Message) -> float | None:
+    """The ``standby_gap_s`` a device reports in a draft reply (None: none, or not a draft reply)."""
+    try:
+        metrics = reply.content.metric_records.get("metrics") if not reply.has_error() else None
+        gap = metrics.get("standby_gap_s") if metrics is not None else None
+        return float(gap) if gap is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def standby_message(node_id: int, hold_s: float, round_: int, ttl: float) -> Message:
     """A ``query.standby`` message: the device answers it after holding it ``hold_s`` seconds
     (``standby.py`` says why)."""
@@ -145,7 +155,7 @@ class GridTransport:
                 flight.raw[name] = reply
                 flight.arrivals[name] = now
                 if self.standby is not None:
-                    self.standby.delivered(name, now)
+                    self.standby.delivered(name, now, standby_gap=_standby_gap(reply))
 
     def discard(self, flight: InFlight) -> None:
         """A round nobody will decode: its nodes' standby bookkeeping closes as for a lost reply
