@@ -30,12 +30,7 @@ enumeration.
 
 from __future__ import annotations
 
-
-def _tokens_per_round(alpha: float, gamma: int) -> float:
-    """E[N] = (1 - alpha^(gamma+1)) / (1 - alpha), gamma + 1 at alpha = 1 (``theory`` has the
-    array version; this module stays below it so that the controller there can use it)."""
-    al = min(max(float(alpha), 0.0), 1.0)
-    return float(gamma + 1) if al >= 1.0 else (1.0 - al ** (gamma + 1)) / (1.0 - al)
+from .expected_tokens import expected_tokens_per_step
 
 
 def round_time_drafting_ahead(alpha: float, gamma: int, a: float, b: float, rows: int = 1) -> float:
@@ -52,7 +47,7 @@ def round_time_drafting_ahead(alpha: float, gamma: int, a: float, b: float, rows
 def throughput_drafting_ahead(alpha: float, gamma: int, a: float, b: float, rows: int = 1) -> float:
     """Modelled tokens per second per sequence: E[N](alpha, gamma) / T(gamma)."""
     t = round_time_drafting_ahead(alpha, gamma, a, b, rows)
-    return _tokens_per_round(alpha, gamma) / t if t > 0 else float("inf")
+    return float(expected_tokens_per_step(alpha, gamma)) / t if t > 0 else float("inf")
 
 
 def best_gamma_drafting_ahead(alpha: float, a: float, b: float, rows: int = 1, *, gamma_min: int = 1,
