@@ -87,8 +87,7 @@ class DraftClient:
         self._lock = threading.Lock()
         self._last_reply: float | None = None  # perf_counter() when the previous reply was ready
         self._ahead_seconds = 0.0  # drafting ahead since the previous reply (``DraftMetrics.compute_seconds``)
-        self._steps_mark = self._forward_calls()  # the proposer's forward count at the previous reply
-        self._prefill_mark = self._prefill_work()  # and its prefill (forwards, seconds) then
+        self._mark = self._work_counters()  # the proposer's counters at the previous reply
 
     def handle(self, request: DraftRequest) -> tuple[DraftReply, DraftMetrics]:
         arrived = time.perf_counter()
@@ -122,10 +121,10 @@ class DraftClient:
             )
             elapsed = time.perf_counter() - start
             after = self.proposer.stats
-            steps_now = self._forward_calls()
-            prefill_now = self._prefill_work()
+            now = self._work_counters()
         # forwards since the previous reply: those drafting ahead and those for this reply
-        steps = -1 if steps_now is None or self._steps_mark is None else steps_now - self._steps_mark
+        calls, prefills, prefill_s = now
+        steps = -1 if calls is None or self._mark[0] is None else calls - self._mark[0]
         compute, self._ahead_seconds = elapsed + self._ahead_seconds, 0.0
         metrics = DraftMetrics(
             draft_seconds=elapsed,
@@ -137,10 +136,10 @@ class DraftClient:
             idle_seconds=idle,
             compute_seconds=compute,
             forward_steps=steps,
-            prefill_forwards=prefill_now[0] - self._prefill_mark[0],
-            prefill_seconds=prefill_now[1] - self._prefill_mark[1],
+            prefill_forwards=prefills - self._mark[1],
+            prefill_seconds=prefill_s - self._mark[2],
         )
-        self._steps_mark, self._prefill_mark = steps_now, prefill_now
+        self._mark = now
         if self.draft_ahead:
             rows = [int(s) for s, g in zip(request.seq_ids.tolist(), gammas) if g > 0]
             if rows:
@@ -162,15 +161,14 @@ class DraftClient:
         self._ahead = threading.Thread(target=run, name="specfed-draft-ahead", daemon=True)
         self._ahead.start()
 
-    def _forward_calls(self) -> int | None:
+    def _work_counters(self) -> tuple[int | None, int, float]:
+        """The proposer's forward count (None if it does not count them), and its prefill forwards
+        and seconds ((0, 0.0) if it does not count them), so far."""
         calls = getattr(self.proposer, "forward_calls", None)
-        return int(calls) if isinstance(calls, int) else None
-
-    def _prefill_work(self) -> tuple[int, float]:
-        """The proposer's prefill forwards and seconds so far ((0, 0.0) if it does not count them)."""
         forwards, seconds = getattr(self.proposer, "prefill_forwards", 0), getattr(self.proposer, "prefill_seconds", 0.0)
-        ok = isinstance(forwards, int) and isinstance(seconds, float)
-        return (forwards, seconds) if ok else (0, 0.0)
+        if not (isinstance(forwards, int) and isinstance(seconds, float)):
+            forwards, seconds = 0, 0.0
+        return (int(calls) if isinstance(calls, int) else None), forwards, seconds
 
     def stop_ahead(self) -> None:
         """Stop drafting ahead (at the next forward boundary) and wait for it."""
