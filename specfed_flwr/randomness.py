@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 #: stream ids: one per kind of decision at a position
-DRAFT = 1  # the device's draft token (``proposer.sparsify``)
+DRAFT = 1  # the device's draft token (``draft_payload.sparsify``)
 ACCEPT = 2  # the server's accept test u < p(x)/q(x)
 RESIDUAL = 3  # the correction (residual) or bonus token the server emits at a position
 SELECT = 4  # the server's draft-path selection: consensus slot / picked client

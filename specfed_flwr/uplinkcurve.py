@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .proposer import sparsify
+from .draft_payload import sparsify
 from .reconstruction import reconstruct_sparse
 from .sparse import agreement
 from .wire import ENCODINGS, make_reply, payload_bytes, slot_allowance

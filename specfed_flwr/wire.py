@@ -58,7 +58,7 @@ seq_offsets``. A position costs ``1 + counts * (2 + 2)`` (budgeted) or ``1 + cou
 
 so 1.0 down to 2**-15.875 (~1.7e-5) with a relative step of 2**(1/16) (~4.4 %). The decoder maps a
 code through that fixed float16 table, so device and server hold bit-identical values: the
-device samples its draft token from exactly these values renormalised (``proposer.sparsify``),
+device samples its draft token from exactly these values renormalised (``draft_payload.sparsify``),
 which is why the ``exact`` rule stays lossless after quantisation. Rounding to the nearest code
 overstates a value by at most a factor ``2**(1/32)``; the table's float16 rounding adds ``2**-11``
 relative, so the compact kept-mass limit is ``2**(1/32) * (1 + 2**-10) + 2**-8`` (~1.0262; see

@@ -9,7 +9,7 @@ import torch
 from specfed_flwr.aggregation import BiasAwareWeights, WeightingConfig, prefix_match, select_draft_path
 from specfed_flwr.config import ConfigError, SpecFedConfig, load_config
 from specfed_flwr.protocol import DraftRequest, ProtocolError
-from specfed_flwr.proposer import sparsify
+from specfed_flwr.draft_payload import sparsify
 from specfed_flwr.reconstruction import reconstruct, temperature_for_top1
 from specfed_flwr.verification import verify_greedy, verify_sampling
 

@@ -19,7 +19,7 @@ import torch
 from scipy.stats import chisquare
 
 from specfed_flwr.aggregation import select_draft_path
-from specfed_flwr.proposer import sparsify
+from specfed_flwr.draft_payload import sparsify
 from specfed_flwr.reconstruction import reconstruct, reconstruct_sparse
 from specfed_flwr.sparse import SparseQ
 from specfed_flwr.verification import verify_sampling

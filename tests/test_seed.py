@@ -29,7 +29,7 @@ from specfed_flwr.inprocess import InProcessEngine, ThreadTransport
 from specfed_flwr.models import tiny_llama
 from specfed_flwr.pipeline import run_rounds
 from specfed_flwr.protocol import DraftRequest, ProtocolError
-from specfed_flwr.proposer import sparsify
+from specfed_flwr.draft_payload import sparsify
 from specfed_flwr.randomness import (ACCEPT, DRAFT, RESIDUAL, SELECT, SELECT_RANK, counter_uniforms, keyed_uniforms,
                                      sequence_key)
 from specfed_flwr.reconstruction import reconstruct_sparse

@@ -46,7 +46,7 @@ def collect_prefixes(pair: "ModelPair", prompts: list[list[int]], continuations:
 
 def topk_reply(q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What a device sends for q [N, V] (greedy sparsify: top-K ids, float16 probabilities)."""
-    from ..proposer import sparsify
+    from ..draft_payload import sparsify
 
     ids, probs, _ = sparsify(q, k, "greedy")
     return ids, probs.float()
@@ -155,7 +155,7 @@ def monte_carlo_first_token(p: torch.Tensor, q: torch.Tensor, k: int, rule: str,
     """Histogram of the first emitted token over n independent one-step runs of the engine's own
     functions (sparsify -> reconstruct -> select_draft_path -> verify_sampling), 1 client."""
     from ..aggregation import select_draft_path
-    from ..proposer import sparsify
+    from ..draft_payload import sparsify
     from ..reconstruction import reconstruct
     from ..verification import verify_sampling
 
