@@ -265,3 +265,41 @@ def test_a_blocked_pull_does_not_hold_up_other_nodes() -> None:
         time.sleep(0.01)
     assert "2" not in puller.running  # collected once it returned; node 2 can be pulled again
     puller.pull({"2": ["n2-c"]})
+
+
+def test_a_draft_reply_after_a_standby_carries_the_gap_the_server_reads(flower_task_identity, monkeypatch) -> None:
+    """The whole device-side path: the standby handler notes its answer, the node's next draft
+    request goes through the real draft handler (the drafting itself stubbed: it is not what is
+    tested) and its reply carries ``standby_gap_s`` in the metrics record the server's transport
+    reads (``_standby_gap``); a draft request with no standby before it carries none."""
+    from types import SimpleNamespace
+
+    from specfed_flwr import client_app
+    from specfed_flwr.device import RUNTIME
+    from specfed_flwr.records import request_content
+    from specfed_flwr.strategies.strategy_utils import _standby_gap
+    from specfed_flwr.wire import make_reply
+
+    monkeypatch.setattr(client_app, "_standby_answered", {})
+    monkeypatch.setattr(client_app, "_warned", True)
+    stub_reply = make_reply([0], [1], [[[3, 4]]], [[[0.75, 0.25]]], 16)
+    monkeypatch.setattr(RUNTIME, "draft", lambda key, settings, request: (stub_reply, {"draft_seconds": 0.01}))
+    context = SimpleNamespace(node_id=7, node_config={})
+
+    def send(message_type: str, content: RecordDict) -> Message:
+        message = Message(content, dst_node_id=7, message_type=message_type, group_id="1")
+        message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        handler = client_app.standby if message_type == STANDBY_MESSAGE else client_app.draft
+        return handler(message, context)
+
+    request = DraftRequest.build([(0, 0, [5, 6], 1)], k=2, temperature=0.0, sampling="sparse", seed=0, round=1)
+    without = send("query.draft", request_content(request, {"draft": "tiny:0:16"}))
+    assert _standby_gap(without) is None
+    send(STANDBY_MESSAGE, RecordDict({"standby": ConfigRecord({"hold_s": 0.0})}))
+    time.sleep(0.2)
+    after = send("query.draft", request_content(request, {"draft": "tiny:0:16"}))
+    gap = _standby_gap(after)
+    assert gap is not None and 0.2 <= gap < 5.0
+    assert after.content.metric_records["metrics"]["draft_seconds"] == pytest.approx(0.01)
+    # the gap is reported once: the request after that had no standby in front of it
+    assert _standby_gap(send("query.draft", request_content(request, {"draft": "tiny:0:16"}))) is None
