@@ -43,10 +43,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .draft_payload import sparsify
 from .kvcache import (PaddedBatch, accepts_logits_to_keep, cache_is_batchable, check_supported, forward_with_cache,
                       rollback_cache, supports_padded_batching)
 from .prefill_groups import split_by_length
-from .draft_payload import sparsify
 from .randomness import DRAFT, counter_uniforms, sequence_key
 from .sampling import SamplingSettings, seen_mask, warped_probs
 from .wire import DraftReply, make_reply, slot_allowance

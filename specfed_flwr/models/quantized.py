@@ -125,8 +125,8 @@ class QuantLinear(nn.Module):
     large_weight_small_m = 256
     #: int4: inputs with at least this many rows (prefill) are multiplied by the dequantised fp32
     #: weight instead of the int4pack kernel, which costs ~2x an fp32 sgemm at prefill sizes
-    #: (1536x576 layer, 1 thread: 540 rows 24 ms vs 10 ms + ~1.2 ms to dequantise; at 96 rows
-    #: 4.2 vs 3.3-3.7 ms; between 48 and 80 rows this machine's sgemm takes a slow path, ~6.5 ms)
+    #: (1536x576 layer, 1 thread, medians: 540 rows 24 ms vs 10 ms + ~1.2 ms to dequantise; 96
+    #: rows 4.2 vs 1.9 + 1.2 ms; about equal at 48-64 rows)
     large_m = 96
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 8,
